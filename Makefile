@@ -1,0 +1,40 @@
+# make help: what each target does. `make train` and `make test` set up .venv themselves on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+.PHONY: help install train sweep tensorboard test lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install cnnlab (editable) with the dev tools
+
+train: $(VENV)/.installed  ## train once: make train ARGS="optimizer=sgd_steplr trainer.max_epochs=5"
+	$(BIN)/python src/train.py $(ARGS)
+
+sweep: $(VENV)/.installed  ## multirun: make sweep ARGS="optimizer=adam,sgd_steplr seed=0,1,2"
+	$(BIN)/python src/train.py --multirun $(or $(ARGS),optimizer=adam,sgd_steplr)
+
+tensorboard: $(VENV)/.installed  ## TensorBoard over every run: http://localhost:6006
+	$(BIN)/tensorboard --logdir outputs
+
+test: $(VENV)/.installed  ## the test suite (CPU, no network, a few minutes)
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(VENV)/.installed  ## ruff: lint and format check
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+clean:  ## remove outputs and caches (keeps .venv and the decoded-data cache)
+	rm -rf outputs/runs outputs/multiruns outputs/evals .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +

@@ -1,0 +1,293 @@
+"""CIFAR-10 as one uint8 tensor in memory, served in batches by slicing, prepared for the model on its device.
+
+Sources (`data.root`), detected in this order:
+  - a .tar.gz/.tgz/.tar/.zip of an image-folder tree  train/<class>/*.jpg|png, test/<class>/*  (any prefix)
+  - a folder holding torchvision's official CIFAR-10 (cifar-10-batches-py/)
+  - a folder holding an image-folder tree (at its top or one folder down)
+  - otherwise, with data.download=true, torchvision downloads the official CIFAR-10 into the folder.
+An image tree is decoded once into a cache file (data.cache_dir) that later runs load in about a second.
+
+Both sources end as N×H×W×C uint8 arrays, as torchvision's CIFAR10.data is. The DataModule permutes them once
+to N×C×H×W and keeps them as uint8; each batch is a slice by a shuffled index, and the float conversion,
+normalisation and augmentation run on the whole batch, on the model's device, after the transfer.
+"""
+
+import hashlib
+import io
+import os
+import re
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from math import ceil
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from PIL import Image
+from tqdm import tqdm
+
+from cnnlab import UserError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+# <anything>/(train|test)/<class>/<file>.(png|jpg|jpeg)
+IMAGE_PATH = re.compile(r"(?:^|/)(train|test)/([^/]+)/[^/]+\.(?:png|jpe?g)$", re.IGNORECASE)
+VAL_SPLIT_SEED = 0  # the train/val split is fixed: it must not change with the training seed
+
+
+class CifarArrays(NamedTuple):
+    train_images: np.ndarray  # N×H×W×C uint8
+    train_labels: np.ndarray  # N int64
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def load_cifar10(root: str | Path, download: bool, cache_dir: str | Path) -> CifarArrays:
+    """Detect the format of `root` and return CIFAR-10 as N×H×W×C uint8 arrays."""
+    root = Path(root).expanduser()
+    if root.is_file():
+        if not root.name.lower().endswith(ARCHIVE_SUFFIXES):
+            raise UserError(f"data.root={root} is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+        return load_image_tree_cached(root, Path(cache_dir).expanduser())
+    if (root / "cifar-10-batches-py").is_dir():
+        return load_torchvision(root, download=False)
+    tree = find_image_tree(root)
+    if tree is not None:
+        return load_image_tree_cached(tree, Path(cache_dir).expanduser())
+    if download:
+        return load_torchvision(root, download=True)
+    raise UserError(
+        f"data.root={root}: no CIFAR-10 found. Looked for torchvision's cifar-10-batches-py/ folder, an image "
+        f"tree train/<class>/*.png|jpg + test/<class>/*, and a .tar.gz/.zip of such a tree. "
+        f"Point data.root at one of these, or set data.download=true to download the official CIFAR-10 there."
+    )
+
+
+def load_torchvision(root: Path, download: bool) -> CifarArrays:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        train = CIFAR10(str(root), train=True, download=download)
+        test = CIFAR10(str(root), train=False, download=download)
+    except (OSError, RuntimeError) as err:  # no network, a half-downloaded or corrupt archive, no write access
+        raise UserError(
+            f"data.root={root}: could not {'download' if download else 'read'} torchvision's CIFAR-10 ({err}). "
+            f"Without network, point data.root at a local copy (an image tree or its .tar.gz/.zip)."
+        ) from err
+    labels = [np.asarray(d.targets, dtype=np.int64) for d in (train, test)]
+    return CifarArrays(train.data, labels[0], test.data, labels[1], list(train.classes))
+
+
+def find_image_tree(folder: Path) -> Path | None:
+    """`folder` itself if it holds train/ and test/, or its only sub-folder that does (an unpacked archive)."""
+    if not folder.is_dir():
+        return None
+    candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())
+    for candidate in candidates:
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    return None
+
+
+def image_files(source: Path) -> Iterator[tuple[str, bytes]]:
+    """(path inside the tree, file bytes) for every file of a folder, tar or zip, read in place."""
+    if source.is_dir():
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                yield path.relative_to(source).as_posix(), path.read_bytes()
+    elif source.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(source) as archive:
+            for info in archive.infolist():
+                if not info.is_dir():
+                    yield info.filename, archive.read(info)
+    else:
+        with tarfile.open(source) as archive:  # streams .tar.gz without unpacking it anywhere
+            for member in archive:
+                if member.isfile():
+                    yield member.name, archive.extractfile(member).read()
+
+
+def decode_image_tree(source: Path) -> CifarArrays:
+    """Decode every train/<class>/* and test/<class>/* image of `source` into N×H×W×C uint8 arrays."""
+    found: dict[str, list[tuple[str, str, np.ndarray]]] = {"train": [], "test": []}
+    try:
+        files = image_files(source)
+        progress = tqdm(files, desc=f"decoding {source.name} (once, then cached)", unit=" files", mininterval=2)
+        for name, data in progress:
+            match = IMAGE_PATH.search(name)
+            if match is None:
+                continue
+            split, label = match.group(1).lower(), match.group(2)
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    pixels = np.asarray(image.convert("RGB"))  # H×W×C, as torchvision's CIFAR10.data
+            except OSError as err:
+                raise UserError(f"data.root={source}: cannot decode image {name}: {err}") from err
+            found[split].append((label, name, pixels))
+    except (OSError, tarfile.TarError, zipfile.BadZipFile) as err:
+        raise UserError(f"data.root={source}: cannot read it ({err})") from err
+
+    if not found["train"] or not found["test"]:
+        raise UserError(
+            f"data.root={source}: found {len(found['train'])} train and {len(found['test'])} test images; "
+            f"an image tree needs both train/<class>/*.png|jpg and test/<class>/*.png|jpg"
+        )
+    classes = sorted({label for label, _, _ in found["train"]})  # label order = sorted names, as ImageFolder
+    unknown = sorted({label for label, _, _ in found["test"]} - set(classes))
+    if unknown:
+        raise UserError(f"data.root={source}: test classes {unknown} have no train images")
+    shape = found["train"][0][2].shape
+    arrays = []
+    for split in ("train", "test"):
+        items = sorted(found[split], key=lambda item: (classes.index(item[0]), item[1]))
+        for _, name, pixels in items:
+            if pixels.shape != shape:
+                raise UserError(f"data.root={source}: image {name} is {pixels.shape}, the first one is {shape}")
+        arrays.append(np.stack([pixels for _, _, pixels in items]))
+        arrays.append(np.array([classes.index(label) for label, _, _ in items], dtype=np.int64))
+    return CifarArrays(*arrays, classes)
+
+
+def load_image_tree_cached(source: Path, cache_dir: Path) -> CifarArrays:
+    """Decode `source` once; later calls load the cache. The cache is keyed by the source's path, size and
+    modification time, and written atomically (a temp file renamed into place), so it is never half-written."""
+    stat = source.stat()
+    key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = cache_dir / f"cifar10-{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as saved:
+            return CifarArrays(*(saved[field] for field in CifarArrays._fields[:4]), list(saved["classes"]))
+    arrays = decode_image_tree(source)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        temp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        try:
+            with open(temp, "wb") as file:
+                np.savez(file, **arrays._asdict())
+            os.replace(temp, cache)
+        finally:
+            temp.unlink(missing_ok=True)
+    except OSError as err:
+        raise UserError(f"data.cache_dir={cache_dir}: cannot write the decoded-image cache there ({err})") from err
+    return arrays
+
+
+# ------------------------------------------------------------------------------------------ batching
+
+
+class TensorBatches:
+    """Batches as slices of tensors already in memory: one random permutation per epoch, no per-sample work."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
+        self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
+
+    def __len__(self) -> int:
+        return ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n) if self.shuffle else None  # seeded by Lightning's seed_everything
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+            else:
+                index = order[start : start + self.batch_size]
+                yield self.images[index], self.labels[index]
+
+
+def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random crop after zero padding and random horizontal flip, for a whole B×C×H×W batch at once."""
+    batch, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (batch, 1), device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (batch, 1), device=images.device)
+    rows = (dy + torch.arange(height, device=images.device))[:, None, :, None]  # B×1×H×1
+    cols = (dx + torch.arange(width, device=images.device))[:, None, None, :]  # B×1×1×W
+    flip = torch.rand(batch, 1, 1, 1, device=images.device) < 0.5
+    cols = torch.where(flip, 2 * dx[:, None, None, :] + width - 1 - cols, cols)  # mirror inside the crop
+    batch_index = torch.arange(batch, device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch_index, channels, rows, cols]
+
+
+# --------------------------------------------------------------------------------------- DataModule
+
+
+class CIFAR10DataModule(LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        download: bool,
+        cache_dir: str,
+        val_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        augment: bool,
+        crop_padding: int,
+        mean: list[float],
+        std: list[float],
+    ):
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise UserError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be ≥ 1")
+        self.save_hyperparameters(logger=False)
+        self.classes: list[str] = []
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mean_std: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, made once
+
+    def prepare_data(self) -> None:
+        # Runs once per machine (before any process of a multi-GPU run reads it): download or decode + cache.
+        load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        arrays = load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
+        self.classes = arrays.classes
+        # The slides' pre-processing step: images come as B×H×W×C (height, width, colour last), nn.Conv2d wants
+        # B×C×H×W. torch.permute(0, 3, 1, 2) reorders the axes once, for the whole set; it stays uint8.
+        train_images = torch.from_numpy(arrays.train_images).permute(0, 3, 1, 2).contiguous()
+        test_images = torch.from_numpy(arrays.test_images).permute(0, 3, 1, 2).contiguous()
+        train_labels, test_labels = torch.from_numpy(arrays.train_labels), torch.from_numpy(arrays.test_labels)
+
+        val_size = self.hparams.val_size
+        if not 0 < val_size < len(train_labels):
+            raise UserError(f"data.val_size={val_size} must be between 1 and {len(train_labels) - 1}")
+        order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+        val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
+        self.splits = {
+            "train": (train_images[train_index], train_labels[train_index]),
+            "val": (train_images[val_index], train_labels[val_index]),
+            "test": (test_images, test_labels),
+        }
+
+    def train_dataloader(self) -> TensorBatches:
+        return TensorBatches(*self.splits["train"], self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return TensorBatches(*self.splits["val"], self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return TensorBatches(*self.splits["test"], self.hparams.eval_batch_size, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """On the model's device, for the whole batch: uint8 → float, normalise, augment (training only)."""
+        if isinstance(batch, torch.Tensor):  # the model summary's example input: images without labels
+            return self.on_after_batch_transfer((batch, None), dataloader_idx)[0]
+        images, labels = batch
+        if images.device not in self.mean_std:
+            self.mean_std[images.device] = tuple(
+                torch.tensor(values, device=images.device).view(1, -1, 1, 1)
+                for values in (self.hparams.mean, self.hparams.std)
+            )
+        mean, std = self.mean_std[images.device]
+        images = (images.float() / 255 - mean) / std
+        if self.hparams.augment and self.trainer is not None and self.trainer.training:
+            images = random_crop_flip(images, self.hparams.crop_padding)
+        return images, labels

@@ -1,0 +1,83 @@
+"""The slides' CNN for CIFAR-10, and the output-size formula that sizes it.
+
+    input                 3×32×32
+    conv1 3→32, k3        32×30×30   (32 + 2·0 − 3) / 1 + 1 = 30
+    relu, pool 2          32×15×15
+    conv2 32→64, k4       64×12×12   (15 + 2·0 − 4) / 1 + 1 = 12
+    relu, pool 2          64×6×6
+    flatten, dropout 0.5  2304
+    fc1 2304→10           10 logits  (softmax only for probabilities: the loss takes logits)
+"""
+
+from collections import OrderedDict
+
+from torch import nn
+
+from cnnlab import UserError
+
+
+def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
+    """The lecture's formula: out = (in + 2·pad − kernel) / stride + 1, rounded down as PyTorch does.
+
+    It holds for convolutions and for pooling (a pooling layer is a kernel with stride = kernel size).
+    """
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+
+
+class SlideCNN(nn.Sequential):
+    """conv · ReLU · pool · conv · ReLU · pool · dropout · fc, with every size taken from the config.
+
+    The defaults of conf/model/slide_cnn.yaml give the slides' network: 56,778 parameters.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        conv1_channels: int,
+        conv1_kernel: int,
+        conv2_channels: int,
+        conv2_kernel: int,
+        stride: int,
+        padding: int,
+        pool: str,
+        pool_size: int,
+        dropout: float,
+    ):
+        if pool not in POOLS:
+            raise UserError(f"model.pool={pool!r} is not a pooling layer: use one of {sorted(POOLS)}")
+        # Follow the spatial size through the network with the formula, so that fc1's input size is
+        # computed, never typed in, and a config whose shapes don't fit is refused here, before training.
+        size = image_size
+        for layer, kernel, layer_stride, layer_padding in [
+            ("conv1", conv1_kernel, stride, padding),
+            ("pool1", pool_size, pool_size, 0),
+            ("conv2", conv2_kernel, stride, padding),
+            ("pool2", pool_size, pool_size, 0),
+        ]:
+            out = conv_output_size(size, kernel, layer_stride, layer_padding)
+            if out < 1:
+                raise UserError(
+                    f"model: {layer} (kernel {kernel}, stride {layer_stride}, padding {layer_padding}) does not "
+                    f"fit its {size}×{size} input: (in + 2·pad − kernel) / stride + 1 = {out}. "
+                    f"Use a smaller kernel or pool, more padding, or a larger image."
+                )
+            size = out
+        super().__init__(
+            OrderedDict(
+                conv1=nn.Conv2d(in_channels, conv1_channels, conv1_kernel, stride=stride, padding=padding),
+                relu1=nn.ReLU(),
+                pool1=POOLS[pool](pool_size),
+                conv2=nn.Conv2d(conv1_channels, conv2_channels, conv2_kernel, stride=stride, padding=padding),
+                relu2=nn.ReLU(),
+                pool2=POOLS[pool](pool_size),
+                flatten=nn.Flatten(),
+                dropout=nn.Dropout(dropout),
+                fc1=nn.Linear(conv2_channels * size * size, num_classes),
+            )
+        )
+        self.input_shape = (in_channels, image_size, image_size)

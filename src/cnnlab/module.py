@@ -1,0 +1,72 @@
+"""The LightningModule: a classifier around any network, with its loss, metrics, logging and optimizer."""
+
+from collections.abc import Callable
+
+import torch
+from lightning import LightningModule
+from torch import nn
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class LitClassifier(LightningModule):
+    """Cross-entropy on logits, accuracy from torchmetrics, metrics logged as `stage/metric`.
+
+    `optimizer` and `scheduler` are partials (Hydra `_partial_: true`): the optimizer still needs the
+    parameters, the scheduler the optimizer. So any torch.optim optimizer or scheduler is one YAML file.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        num_classes: int = 10,
+    ):
+        super().__init__()
+        # Checkpoints keep num_classes; the network and the optimizer come from the config, not from pickles.
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.criterion = nn.CrossEntropyLoss()
+        self.accuracy = nn.ModuleDict(
+            {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("train_", "val_", "test_")}
+        )  # "train_": ModuleDict keys may not clash with nn.Module attributes such as `train`
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
+        # Lets Lightning's model summary show each layer's input and output sizes at start-up.
+        self.example_input_array = torch.zeros(1, *getattr(net, "input_shape", (3, 32, 32)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        accuracy = self.accuracy[f"{stage}_"]
+        accuracy(logits, labels)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "train")
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self.step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self.step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # the check before training is not an epoch
+            return
+        self.val_acc_best(self.accuracy["val_"].compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(params=self.parameters())
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}

@@ -1,0 +1,27 @@
+"""Test a saved checkpoint on the CIFAR-10 test set.  python src/eval.py ckpt_path=<file> [key=value ...]
+
+Pass the same model.* overrides as for training. The work is cnnlab.train.evaluate(cfg).
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import cnnlab.run_dir  # noqa: F401  (registers the resolvers that name the run dir)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from cnnlab import UserError
+    from cnnlab.train import evaluate
+
+    try:
+        metrics = evaluate(cfg)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    print(f"test/acc={metrics['test/acc']:.4f} ckpt_path={metrics['ckpt_path']} run_dir={cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

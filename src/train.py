@@ -1,0 +1,28 @@
+"""Train the slides' CNN on CIFAR-10.  python src/train.py [optimizer=sgd_steplr] [key=value ...]
+
+The config is conf/train.yaml and its groups; the work is cnnlab.train.train(cfg).
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import cnnlab.run_dir  # noqa: F401  (registers the resolvers that name the run dir)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from cnnlab import UserError
+    from cnnlab.train import train  # imported here so that --help does not wait for torch
+
+    try:
+        metrics = train(cfg)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    print(f"test/acc={metrics['test/acc']:.4f} val/acc_best={metrics['val/acc_best']} run_dir={cfg.output_dir}")
+    return metrics["val/acc_best"]  # what a sweeper optimises
+
+
+if __name__ == "__main__":
+    main()
