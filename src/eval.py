@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import cnnlab.run_dir  # noqa: F401  (registers the resolvers that name the run dir)
+import cnnlab.config  # noqa: F401  (registers the run-dir resolvers and the config schemas)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,10 +17,20 @@ from cnnlab.module import LitClassifier
 log = logging.getLogger(__name__)
 
 
+def make(node: DictConfig, **kwargs):
+    """hydra.utils.instantiate, with our UserError let through as it is (Hydra wraps what a target raises)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LitClassifier, L.Trainer]:
     """Data · model · module · Trainer, each from its config group."""
-    datamodule = instantiate(cfg.data, _convert_="all")  # plain lists: checkpoints load with weights_only
-    net = instantiate(cfg.model)
+    datamodule = make(cfg.data, _convert_="all")  # plain lists: checkpoints load with weights_only
+    net = make(cfg.model)
     module = LitClassifier(
         net,
         optimizer=instantiate(cfg.optimizer),

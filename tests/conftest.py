@@ -1,0 +1,96 @@
+"""Fixtures made on the fly: tiny CIFAR-10-shaped data sets in every format the DataModule reads."""
+
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import cnnlab.config  # noqa: F401  (resolvers and schemas, as the entry points register them)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# The first test image (class 0, first file) gets one pure red pixel at row 2, column 5; the rest is noise
+# with no pure red.
+MARK_ROW, MARK_COL = 2, 5
+
+
+def write_image_tree(folder: Path, per_class: dict[str, int], suffix: str = ".png") -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for label, name in enumerate(CLASSES):
+            (folder / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                # Class-dependent brightness, so that a few epochs learn something.
+                pixels = rng.integers(0, 100, (32, 32, 3), dtype=np.uint8) + np.uint8(15 * label)
+                if split == "test" and label == 0 and i == 0:
+                    pixels[MARK_ROW, MARK_COL] = (255, 0, 0)
+                Image.fromarray(pixels).save(folder / split / name / f"{i:04d}{suffix}")
+    return folder
+
+
+def pack(folder: Path, archive: Path) -> Path:
+    """Pack `folder` as the CIFAR-10 image dumps are shipped: one top folder inside the archive."""
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in sorted(folder.rglob("*")):
+                zf.write(path, f"{folder.name}/{path.relative_to(folder)}")
+    else:
+        with tarfile.open(archive, "w:gz") as tf:
+            tf.add(folder, arcname=folder.name)
+    return archive
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory) -> Path:
+    """A PNG image tree: 10 classes, 8 train and 2 test images each."""
+    return write_image_tree(tmp_path_factory.mktemp("tree") / "cifar10-png", {"train": 8, "test": 2})
+
+
+@pytest.fixture(scope="session")
+def tree_archive(image_tree, tmp_path_factory) -> Path:
+    return pack(image_tree, tmp_path_factory.mktemp("archive") / "cifar10-png.tar.gz")
+
+
+@pytest.fixture
+def torchvision_cifar(tmp_path, monkeypatch) -> Path:
+    """torchvision's official CIFAR-10 layout (pickled batches) with 5+1 tiny batches of random images."""
+    import torchvision.datasets.cifar
+
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (4, 3 * 32 * 32), dtype=np.uint8)  # rows are C×H×W, flattened
+        with open(batches / name, "wb") as f:
+            pickle.dump({"data": data, "labels": [0, 1, 2, 9]}, f)
+    with open(batches / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CLASSES}, f)
+    # Our files cannot match torchvision's md5 sums of the real batches; everything else is torchvision's.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    return tmp_path
+
+
+def compose_config(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture
+def tiny_overrides(tree_archive, tmp_path) -> list[str]:
+    """Overrides for a seconds-long CPU run on the tiny archive, writing into tmp_path."""
+    return [
+        f"data.root={tree_archive}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.val_size=20",
+        "data.batch_size=16",
+        "data.eval_batch_size=16",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        f"output_dir={tmp_path / 'run'}",
+    ]

@@ -1,0 +1,71 @@
+"""The entry points as a user runs them: separate processes, Hydra's own command line."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def run(script: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / script), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_two_job_multirun(tree_archive, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run(
+        "train.py", "-m", "optimizer=adam,sgd_steplr", "trainer.fast_dev_run=true", "trainer=cpu",
+        f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=20",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2
+    assert jobs[0].startswith("0_") and "optimizer=adam" in jobs[0]
+    assert jobs[1].startswith("1_") and "optimizer=sgd_steplr" in jobs[1]
+    for job in jobs:
+        assert (sweep / job / ".hydra" / "config.yaml").is_file()
+        assert "test/acc" in json.loads((sweep / job / "metrics.json").read_text())
+    last_line = done.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("test/acc=") and last_line.endswith(jobs[1])
+
+
+def test_single_run_dir_and_summary_line(tree_archive, tmp_path):
+    done = run(
+        "train.py", "trainer=cpu", "trainer.max_epochs=1", "optimizer=sgd_steplr",
+        f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=20",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert run_dir.name.endswith("_data.val_size=20,optimizer=sgd_steplr,trainer.max_epochs=1,trainer=cpu")
+    assert {"metrics.json", "train.log", ".hydra", "checkpoints", "tensorboard"} <= {p.name for p in run_dir.iterdir()}
+    assert done.stdout.strip().splitlines()[-1] == (
+        f"test/acc={json.loads((run_dir / 'metrics.json').read_text())['test/acc']:.4f} "
+        f"val/acc_best={json.loads((run_dir / 'metrics.json').read_text())['val/acc_best']} run_dir={run_dir}"
+    )
+
+
+def test_user_errors_are_one_line_and_exit_non_zero(tmp_path):
+    missing = run("train.py", f"data.root={tmp_path / 'nothing'}", "data.download=false", f"hydra.run.dir={tmp_path / 'r'}")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1].startswith(f"error: data.root={tmp_path / 'nothing'}: no CIFAR-10 found")
+    assert "Traceback" not in missing.stderr
+
+    shapes = run("train.py", "model.conv2_kernel=20", f"hydra.run.dir={tmp_path / 's'}")
+    assert shapes.returncode == 1 and "error: model: conv2 (kernel 20" in shapes.stderr
+    assert "Traceback" not in shapes.stderr
+
+
+def test_wrong_overrides_get_hydra_errors_with_the_choices(tmp_path):
+    unknown = run("train.py", "optimizer=adamw", f"hydra.run.dir={tmp_path}")
+    assert unknown.returncode != 0 and "Available options" in unknown.stderr and "sgd_steplr" in unknown.stderr
+    wrong_type = run("train.py", "data.batch_size=many", f"hydra.run.dir={tmp_path}")
+    assert wrong_type.returncode != 0
+
+
+def test_eval_needs_a_checkpoint(tmp_path):
+    done = run("eval.py", f"hydra.run.dir={tmp_path}")
+    assert done.returncode != 0 and "ckpt_path" in done.stderr

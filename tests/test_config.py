@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from cnnlab.config import run_name, unique_dir
+from tests.conftest import CONF, compose_config
+
+GROUP_OPTIONS = [
+    f"{group.name}={option.stem}"
+    for group in sorted(CONF.iterdir())
+    if group.is_dir() and group.name != "hydra"
+    for option in sorted(group.glob("*.yaml"))
+]
+
+
+def test_every_group_has_options():
+    groups = {option.split("=")[0] for option in GROUP_OPTIONS}
+    assert groups >= {"data", "model", "optimizer", "trainer", "logger", "callbacks", "experiment"}
+
+
+@pytest.mark.parametrize("override", GROUP_OPTIONS)
+def test_every_config_option_composes_and_instantiates(override, tmp_path):
+    cfg = compose_config("train", [override, f"output_dir={tmp_path}"])
+    net = instantiate(cfg.model)
+    optimizer = instantiate(cfg.optimizer)(params=net.parameters())
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    if cfg.scheduler:
+        instantiate(cfg.scheduler)(optimizer=optimizer)
+    for node in [*(cfg.logger or {}).values(), *(cfg.callbacks or {}).values()]:
+        instantiate(node)
+    instantiate(cfg.data, _convert_="all")
+
+
+@pytest.mark.parametrize(
+    ("precision", "on_cpu"),
+    [("32-true", "32-true"), ("bf16-mixed", "bf16-mixed"), ("16-mixed", "bf16-mixed")],  # Lightning: no fp16 AMP on CPU
+)
+def test_precision_is_a_trainer_option(precision, on_cpu, tmp_path):
+    cfg = compose_config("train", ["trainer=cpu", f"trainer.precision={precision}", f"output_dir={tmp_path}"])
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.precision == on_cpu
+
+
+def test_defaults_are_the_slides_option_1_and_option_2():
+    adam = compose_config("train", [])
+    assert adam.optimizer._target_ == "torch.optim.Adam" and adam.scheduler is None
+    sgd = compose_config("train", ["optimizer=sgd_steplr"])
+    assert sgd.optimizer._target_ == "torch.optim.SGD" and sgd.optimizer.momentum > 0
+    assert sgd.scheduler._target_ == "torch.optim.lr_scheduler.StepLR"
+    assert adam.data.batch_size == sgd.data.batch_size and adam.data.augment is False
+    assert adam.trainer.precision == "32-true"
+
+
+def test_run_names_are_folder_safe():
+    assert run_name("2026-01-01_10-00-00", "") == "2026-01-01_10-00-00"
+    assert run_name("0", "optimizer=adam,seed=1") == "0_optimizer=adam,seed=1"
+    name = run_name("t", "logger.tensorboard.save_dir=/a/b," + "x" * 200)
+    assert "/" not in name and len(name) <= 2 + 80
+
+
+def test_two_runs_in_the_same_second_get_two_folders(tmp_path):
+    path = str(tmp_path / "runs" / "2026-01-01_10-00-00_optimizer=adam")
+    first, second = unique_dir(path), unique_dir(path)
+    assert first != second and Path(first).is_dir() and Path(second).is_dir()

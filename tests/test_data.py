@@ -1,0 +1,148 @@
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import cnnlab.data
+from cnnlab import UserError
+from cnnlab.data import TensorBatches, load_cifar10, random_crop_flip
+from tests.conftest import CLASSES, MARK_COL, MARK_ROW, compose_config, pack, write_image_tree
+
+
+def datamodule(root, cache_dir, *overrides):
+    cfg = compose_config("train", [f"data.root={root}", f"data.cache_dir={cache_dir}", "data.val_size=20", *overrides])
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.setup("fit")
+    return dm
+
+
+def test_permute_puts_a_known_pixel_at_channel_row_column(tree_archive, tmp_path):
+    dm = datamodule(tree_archive, tmp_path)
+    images, labels = dm.splits["test"]
+    assert images.dtype == torch.uint8 and images.shape == (20, 3, 32, 32)  # N×C×H×W
+    first = images[0]  # class 0, first file: the marked one
+    assert labels[0] == 0
+    assert first[:, MARK_ROW, MARK_COL].tolist() == [255, 0, 0]  # red lands in channel 0 at [row, col]
+    assert first[:, MARK_COL, MARK_ROW].tolist() != [255, 0, 0]  # and not transposed
+
+
+def test_archive_zip_and_folder_give_the_same_arrays(image_tree, tree_archive, tmp_path):
+    from_tar = load_cifar10(tree_archive, download=False, cache_dir=tmp_path / "a")
+    from_zip = load_cifar10(pack(image_tree, tmp_path / "tree.zip"), download=False, cache_dir=tmp_path / "b")
+    from_dir = load_cifar10(image_tree.parent, download=False, cache_dir=tmp_path / "c")  # one folder down
+    assert from_tar.classes == CLASSES
+    assert from_tar.train_images.shape == (80, 32, 32, 3)  # N×H×W×C before the permute
+    assert from_tar.test_images.shape == (20, 32, 32, 3)
+    assert np.bincount(from_tar.train_labels).tolist() == [8] * 10
+    for other in (from_zip, from_dir):
+        for field in ("train_images", "train_labels", "test_images", "test_labels"):
+            np.testing.assert_array_equal(getattr(from_tar, field), getattr(other, field))
+
+
+def test_jpeg_tree_is_read(tmp_path):
+    tree = write_image_tree(tmp_path / "jpeg", {"train": 2, "test": 1}, suffix=".jpg")
+    arrays = load_cifar10(tree, download=False, cache_dir=tmp_path / "cache")
+    assert arrays.train_images.shape == (20, 32, 32, 3) and arrays.test_labels.tolist() == list(range(10))
+
+
+def test_decoded_once_then_loaded_from_the_cache(tree_archive, tmp_path, monkeypatch):
+    first = load_cifar10(tree_archive, download=False, cache_dir=tmp_path)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]  # one cache file, no temp file left
+
+    def no_decoding(source):
+        raise AssertionError("decoded again instead of reading the cache")
+
+    monkeypatch.setattr(cnnlab.data, "decode_image_tree", no_decoding)
+    again = load_cifar10(tree_archive, download=False, cache_dir=tmp_path)
+    np.testing.assert_array_equal(first.train_images, again.train_images)
+    assert again.classes == CLASSES
+
+
+def test_a_corrupt_image_leaves_no_cache(image_tree, tmp_path):
+    broken = write_image_tree(tmp_path / "broken", {"train": 1, "test": 1})
+    (broken / "train" / "cat" / "0000.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"cannot decode image .*cat/0000.png"):
+        load_cifar10(pack(broken, tmp_path / "broken.tar.gz"), download=False, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_torchvision_official_format(torchvision_cifar, tmp_path):
+    arrays = load_cifar10(torchvision_cifar, download=False, cache_dir=tmp_path / "unused")
+    assert arrays.train_images.shape == (20, 32, 32, 3) and arrays.train_images.dtype == np.uint8
+    assert arrays.test_labels.tolist() == [0, 1, 2, 9]
+    assert arrays.classes == CLASSES
+    assert not (tmp_path / "unused").exists()  # nothing to decode, nothing cached
+
+
+def test_nothing_found_says_what_was_looked_for(tmp_path):
+    with pytest.raises(UserError, match=r"no CIFAR-10 found.*cifar-10-batches-py.*train/<class>.*download=true"):
+        load_cifar10(tmp_path / "missing", download=False, cache_dir=tmp_path)
+
+
+def test_a_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(UserError, match=r"could not download torchvision's CIFAR-10.*no network"):
+        load_cifar10(tmp_path / "empty", download=True, cache_dir=tmp_path)
+
+
+def test_a_file_that_is_no_archive_is_refused(tmp_path):
+    (tmp_path / "data.csv").write_text("x")
+    with pytest.raises(UserError, match="not an archive"):
+        load_cifar10(tmp_path / "data.csv", download=False, cache_dir=tmp_path)
+
+
+def test_validation_split_does_not_depend_on_the_seed(tree_archive, tmp_path):
+    torch.manual_seed(1)
+    a = datamodule(tree_archive, tmp_path).splits["val"][0]
+    torch.manual_seed(2)
+    b = datamodule(tree_archive, tmp_path).splits["val"][0]
+    assert torch.equal(a, b) and len(a) == 20
+    with pytest.raises(UserError, match="data.val_size=80"):
+        datamodule(tree_archive, tmp_path, "data.val_size=80")
+
+
+def test_batches_cover_every_image_once_per_epoch():
+    labels = torch.arange(10)
+    batches = TensorBatches(labels[:, None] * 2, labels, batch_size=4, shuffle=True)
+    assert len(batches) == 3
+    epoch = list(batches)
+    assert [len(y) for _, y in epoch] == [4, 4, 2]
+    seen = torch.cat([y for _, y in epoch])
+    assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
+    assert all(torch.equal(x[:, 0], y * 2) for x, y in epoch)  # images stay with their labels
+
+
+def test_batch_normalisation_runs_on_the_whole_batch(tree_archive, tmp_path):
+    dm = datamodule(tree_archive, tmp_path)
+    images, labels = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert images.dtype == torch.float32 and images.shape == (20, 3, 32, 32)
+    expected = (dm.splits["val"][0][0, 0, 0, 0] / 255 - 0.4914) / 0.2470
+    assert images[0, 0, 0, 0].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_random_crop_flip_gives_shifted_or_mirrored_windows():
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 8, 8)
+    out = random_crop_flip(images, padding=2)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    flipped_any = shifted_any = False
+    for image, result in zip(padded, out, strict=True):
+        windows = {
+            (dy, dx, flip): window.flip(-1) if flip else window
+            for dy in range(5)
+            for dx in range(5)
+            for flip in (False, True)
+            for window in [image[:, dy : dy + 8, dx : dx + 8]]
+        }
+        match = [key for key, window in windows.items() if torch.equal(window, result)]
+        assert match, "each output is a crop of the padded image, mirrored or not"
+        flipped_any |= any(flip for _, _, flip in match)
+        shifted_any |= any((dy, dx) != (2, 2) for dy, dx, _ in match)
+    assert flipped_any and shifted_any

@@ -1,0 +1,77 @@
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cnnlab import UserError
+from cnnlab.train import evaluate, train
+from tests.conftest import compose_config
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    tags = set()
+    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+@pytest.mark.parametrize(("optimizer", "lr_tag"), [("adam", "lr-Adam"), ("sgd_steplr", "lr-SGD")])
+def test_train_fits_tests_and_writes_the_run(tiny_overrides, tmp_path, optimizer, lr_tag):
+    metrics = train(compose_config("train", [*tiny_overrides, f"optimizer={optimizer}"]))
+    run = tmp_path / "run"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == metrics
+    assert set(saved) >= {"test/acc", "test/loss", "val/acc_best", "epochs", "seed", "wall_s"}
+    assert saved["epochs"] == 2 and saved["seed"] == 0
+    assert 0 <= saved["test/acc"] <= 1 and 0 <= saved["val/acc_best"] <= 1
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert Path(saved["best_checkpoint"]).is_file()
+    assert {"train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", lr_tag} <= scalar_tags(run)
+
+
+def test_step_lr_lowers_the_learning_rate(tiny_overrides, tmp_path):
+    overrides = ["optimizer=sgd_steplr", "scheduler.step_size=1", "scheduler.gamma=0.5", "trainer.max_epochs=3"]
+    train(compose_config("train", [*tiny_overrides, *overrides]))
+    accumulator = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    accumulator.Reload()
+    lrs = [event.value for event in accumulator.Scalars("lr-SGD")]
+    assert lrs == pytest.approx([0.01, 0.005, 0.0025])
+
+
+def test_seed_zero_is_applied(tiny_overrides, tmp_path):
+    first = train(compose_config("train", [*tiny_overrides, "seed=0"]))
+    second = train(compose_config("train", [*tiny_overrides, "seed=0", f"output_dir={tmp_path / 'again'}"]))
+    assert first["test/loss"] == second["test/loss"]
+    third = train(compose_config("train", [*tiny_overrides, "seed=1", f"output_dir={tmp_path / 'other'}"]))
+    assert third["test/loss"] != first["test/loss"]
+
+
+def test_evaluate_a_saved_checkpoint_and_resume_from_it(tiny_overrides, tmp_path):
+    trained = train(compose_config("train", tiny_overrides))
+    best = trained["best_checkpoint"]
+
+    evaluated = evaluate(compose_config("eval", [*tiny_overrides, f"ckpt_path={best}", f"output_dir={tmp_path / 'ev'}"]))
+    assert evaluated["test/acc"] == pytest.approx(trained["test/acc"])
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["ckpt_path"] == best
+
+    last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    resumed = train(
+        compose_config("train", [*tiny_overrides, f"ckpt_path={last}", "trainer.max_epochs=3", f"output_dir={tmp_path / 'r'}"])
+    )
+    assert resumed["epochs"] == 3
+    assert resumed["val/acc_best"] >= trained["val/acc_best"]  # the best so far survives the resume
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_model(tiny_overrides, tmp_path):
+    best = train(compose_config("train", tiny_overrides))["best_checkpoint"]
+    cfg = compose_config("eval", [*tiny_overrides, f"ckpt_path={best}", "model.conv1_channels=16"])
+    with pytest.raises(UserError, match="trained with another model"):
+        evaluate(cfg)
+
+
+def test_missing_checkpoint_is_a_clear_error(tiny_overrides, tmp_path):
+    with pytest.raises(UserError, match="ckpt_path=.*nope.ckpt: no such checkpoint"):
+        train(compose_config("train", [*tiny_overrides, f"ckpt_path={tmp_path / 'nope.ckpt'}"]))
