@@ -16,8 +16,14 @@ def run(script: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
 def test_two_job_multirun(tree_archive, tmp_path):
     sweep = tmp_path / "sweep"
     done = run(
-        "train.py", "-m", "optimizer=adam,sgd_steplr", "trainer.fast_dev_run=true", "trainer=cpu",
-        f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=20",
+        "train.py",
+        "-m",
+        "optimizer=adam,sgd_steplr",
+        "trainer.fast_dev_run=true",
+        "trainer=cpu",
+        f"data.root={tree_archive}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.val_size=20",
         f"hydra.sweep.dir={sweep}",
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -34,8 +40,13 @@ def test_two_job_multirun(tree_archive, tmp_path):
 
 def test_single_run_dir_and_summary_line(tree_archive, tmp_path):
     done = run(
-        "train.py", "trainer=cpu", "trainer.max_epochs=1", "optimizer=sgd_steplr",
-        f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=20",
+        "train.py",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        "optimizer=sgd_steplr",
+        f"data.root={tree_archive}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.val_size=20",
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -49,9 +60,15 @@ def test_single_run_dir_and_summary_line(tree_archive, tmp_path):
 
 
 def test_user_errors_are_one_line_and_exit_non_zero(tmp_path):
-    missing = run("train.py", f"data.root={tmp_path / 'nothing'}", "data.download=false", f"hydra.run.dir={tmp_path / 'r'}")
+    missing = run(
+        "train.py", f"data.root={tmp_path / 'nothing'}", "data.download=false", f"hydra.run.dir={tmp_path / 'r'}"
+    )
     assert missing.returncode == 1
-    assert missing.stderr.strip().splitlines()[-1].startswith(f"error: data.root={tmp_path / 'nothing'}: no CIFAR-10 found")
+    assert (
+        missing.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: data.root={tmp_path / 'nothing'}: no CIFAR-10 found")
+    )
     assert "Traceback" not in missing.stderr
 
     shapes = run("train.py", "model.conv2_kernel=20", f"hydra.run.dir={tmp_path / 's'}")

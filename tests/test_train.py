@@ -29,7 +29,9 @@ def test_train_fits_tests_and_writes_the_run(tiny_overrides, tmp_path, optimizer
     assert 0 <= saved["test/acc"] <= 1 and 0 <= saved["val/acc_best"] <= 1
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert Path(saved["best_checkpoint"]).is_file()
-    assert {"train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", lr_tag} <= scalar_tags(run)
+    assert {"train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", lr_tag} <= scalar_tags(
+        run
+    )
 
 
 def test_step_lr_lowers_the_learning_rate(tiny_overrides, tmp_path):
@@ -53,13 +55,17 @@ def test_evaluate_a_saved_checkpoint_and_resume_from_it(tiny_overrides, tmp_path
     trained = train(compose_config("train", tiny_overrides))
     best = trained["best_checkpoint"]
 
-    evaluated = evaluate(compose_config("eval", [*tiny_overrides, f"ckpt_path={best}", f"output_dir={tmp_path / 'ev'}"]))
+    evaluated = evaluate(
+        compose_config("eval", [*tiny_overrides, f"ckpt_path={best}", f"output_dir={tmp_path / 'ev'}"])
+    )
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"])
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["ckpt_path"] == best
 
     last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
     resumed = train(
-        compose_config("train", [*tiny_overrides, f"ckpt_path={last}", "trainer.max_epochs=3", f"output_dir={tmp_path / 'r'}"])
+        compose_config(
+            "train", [*tiny_overrides, f"ckpt_path={last}", "trainer.max_epochs=3", f"output_dir={tmp_path / 'r'}"]
+        )
     )
     assert resumed["epochs"] == 3
     assert resumed["val/acc_best"] >= trained["val/acc_best"]  # the best so far survives the resume

@@ -1,12 +1,12 @@
 """The slides' CNN for CIFAR-10, and the output-size formula that sizes it.
 
-    input                 3×32×32
-    conv1 3→32, k3        32×30×30   (32 + 2·0 − 3) / 1 + 1 = 30
-    relu, pool 2          32×15×15
-    conv2 32→64, k4       64×12×12   (15 + 2·0 − 4) / 1 + 1 = 12
-    relu, pool 2          64×6×6
-    flatten, dropout 0.5  2304
-    fc1 2304→10           10 logits  (softmax only for probabilities: the loss takes logits)
+input                 3×32×32
+conv1 3→32, k3        32×30×30   (32 + 2·0 − 3) / 1 + 1 = 30
+relu, pool 2          32×15×15
+conv2 32→64, k4       64×12×12   (15 + 2·0 − 4) / 1 + 1 = 12
+relu, pool 2          64×6×6
+flatten, dropout 0.5  2304
+fc1 2304→10           10 logits  (softmax only for probabilities: the loss takes logits)
 """
 
 from collections import OrderedDict

@@ -91,8 +91,12 @@ def evaluate(cfg: DictConfig) -> dict:
             f"({str(err).splitlines()[0]})"
         ) from err
     tested = trainer.test(module, datamodule=datamodule, verbose=True)[0]
-    metrics = {"test/acc": tested["test/acc"], "test/loss": tested["test/loss"], "ckpt_path": path,
-               "run_dir": cfg.output_dir}
+    metrics = {
+        "test/acc": tested["test/acc"],
+        "test/loss": tested["test/loss"],
+        "ckpt_path": path,
+        "run_dir": cfg.output_dir,
+    }
     return write_metrics(metrics, cfg.output_dir)
 
 
