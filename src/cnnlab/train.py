@@ -15,6 +15,10 @@ from cnnlab import UserError
 from cnnlab.module import LitClassifier
 
 log = logging.getLogger(__name__)
+if logging.getLogger().handlers:
+    # Hydra's logging already prints to the console and to <run dir>/train.log; `import lightning` adds a
+    # console handler of its own, which would print every Lightning message twice.
+    logging.getLogger("lightning").handlers.clear()
 
 
 def make(node: DictConfig, **kwargs):
@@ -33,7 +37,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LitClassifier, L.Trai
     net = make(cfg.model)
     module = LitClassifier(
         net,
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,  # eval.yaml has none
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         num_classes=cfg.model.num_classes,
     )
@@ -82,7 +86,7 @@ def evaluate(cfg: DictConfig) -> dict:
         raise UserError("ckpt_path=<file> is required: the checkpoint to evaluate")
     path = checkpoint_path(cfg.ckpt_path)
     datamodule, module, trainer = build(cfg)
-    weights = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     try:
         module.load_state_dict(weights)
     except RuntimeError as err:
