@@ -162,7 +162,7 @@ def load_image_tree_cached(source: Path, cache_dir: Path) -> CifarArrays:
     cache = cache_dir / f"cifar10-{key}.npz"
     if cache.is_file():
         with np.load(cache) as saved:
-            return CifarArrays(*(saved[field] for field in CifarArrays._fields[:4]), list(saved["classes"]))
+            return CifarArrays(*(saved[field] for field in CifarArrays._fields[:4]), saved["classes"].tolist())
     arrays = decode_image_tree(source)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -192,13 +192,10 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = torch.randperm(n) if self.shuffle else None  # seeded by Lightning's seed_everything
+        order = torch.randperm(n) if self.shuffle else torch.arange(n)  # seeded by Lightning's seed_everything
         for start in range(0, n, self.batch_size):
-            if order is None:
-                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
-            else:
-                index = order[start : start + self.batch_size]
-                yield self.images[index], self.labels[index]
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]
 
 
 def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
