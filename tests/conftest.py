@@ -1,6 +1,8 @@
 """Fixtures made on the fly: tiny CIFAR-10-shaped data sets in every format the DataModule reads."""
 
 import pickle
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -92,5 +94,20 @@ def tiny_overrides(tree_archive, tmp_path) -> list[str]:
         "data.eval_batch_size=16",
         "trainer=cpu",
         "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
         f"output_dir={tmp_path / 'run'}",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tree_archive, tmp_path_factory) -> Path:
+    """A finished multirun, as `train.py -m` leaves it: 2 optimizers × 2 seeds, 2 epochs each."""
+    root = tmp_path_factory.mktemp("sweep")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "optimizer=adam,sgd_steplr", "seed=0,1",
+         "trainer=cpu", "trainer.max_epochs=2", "data.val_size=20", "data.batch_size=16",
+         f"data.root={tree_archive}", f"data.cache_dir={root / 'cache'}", f"hydra.sweep.dir={root / 'sweep'}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "sweep"

@@ -6,16 +6,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cnnlab import UserError
 from cnnlab.train import evaluate, train
-from tests.conftest import compose_config
+from tests.conftest import CLASSES, compose_config
 
 
-def scalar_tags(run_dir: Path) -> set[str]:
-    tags = set()
-    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        tags |= set(accumulator.Tags()["scalars"])
-    return tags
+def events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return accumulator
 
 
 @pytest.mark.parametrize(("optimizer", "lr_tag"), [("adam", "lr-Adam"), ("sgd_steplr", "lr-SGD")])
@@ -29,17 +26,29 @@ def test_train_fits_tests_and_writes_the_run(tiny_overrides, tmp_path, optimizer
     assert 0 <= saved["test/acc"] <= 1 and 0 <= saved["val/acc_best"] <= 1
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert Path(saved["best_checkpoint"]).is_file()
-    assert {"train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", lr_tag} <= scalar_tags(
-        run
-    )
+    tags = set(events(run).Tags()["scalars"])
+    assert {"train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", lr_tag} <= tags
+
+
+def test_test_end_logs_per_class_accuracy_and_the_confusion_matrix(tiny_overrides, tmp_path):
+    metrics = train(compose_config("train", tiny_overrides))
+    logged = events(tmp_path / "run")
+    per_class = {
+        tag.removeprefix("test/acc_class/"): logged.Scalars(tag)[-1].value
+        for tag in logged.Tags()["scalars"]
+        if tag.startswith("test/acc_class/")
+    }
+    assert sorted(per_class) == sorted(CLASSES)
+    # The tiny test set has 2 images per class, so overall accuracy is the mean of the per-class ones.
+    assert sum(per_class.values()) / len(per_class) == pytest.approx(metrics["test/acc"])
+    (image,) = logged.Images("test/confusion_matrix")
+    assert image.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" and image.width > 100
 
 
 def test_step_lr_lowers_the_learning_rate(tiny_overrides, tmp_path):
     overrides = ["optimizer=sgd_steplr", "scheduler.step_size=1", "scheduler.gamma=0.5", "trainer.max_epochs=3"]
     train(compose_config("train", [*tiny_overrides, *overrides]))
-    accumulator = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
-    accumulator.Reload()
-    lrs = [event.value for event in accumulator.Scalars("lr-SGD")]
+    lrs = [event.value for event in events(tmp_path / "run").Scalars("lr-SGD")]
     assert lrs == pytest.approx([0.01, 0.005, 0.0025])
 
 

@@ -4,9 +4,10 @@ from collections.abc import Callable
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MaxMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 
 class LitClassifier(LightningModule):
@@ -32,6 +33,7 @@ class LitClassifier(LightningModule):
         self.accuracy = nn.ModuleDict(
             {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("train_", "val_", "test_")}
         )  # "train_": ModuleDict keys may not clash with nn.Module attributes such as `train`
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
         # Lets Lightning's model summary show each layer's input and output sizes at start-up.
@@ -48,6 +50,8 @@ class LitClassifier(LightningModule):
         accuracy(logits, labels)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "train")
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        if stage == "test":
+            self.test_confusion.update(logits, labels)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -58,6 +62,20 @@ class LitClassifier(LightningModule):
 
     def test_step(self, batch, batch_idx):
         self.step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Per-class test accuracy as scalars, and the confusion matrix as an image in TensorBoard."""
+        confusion = self.test_confusion.compute()  # rows: true class, columns: predicted class
+        per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+        names = getattr(self.trainer.datamodule, "classes", None) or [str(i) for i in range(len(per_class))]
+        for name, accuracy in zip(names, per_class, strict=True):
+            self.log(f"test/acc_class/{name}", accuracy)
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                figure, _ = self.test_confusion.plot(confusion, labels=names)
+                figure.set_size_inches(8, 8)
+                logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
+        self.test_confusion.reset()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # the check before training is not an epoch

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import UserError
@@ -45,8 +46,16 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LitClassifier, L.Trai
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(hyperparameters(cfg))  # hparams.yaml beside the events
     return datamodule, module, trainer
+
+
+def hyperparameters(cfg: DictConfig) -> dict:
+    """What a run is, for TensorBoard's HPARAMS tab: the experiment's groups, not its logging and callbacks."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return {
+        key: resolved[key] for key in ("seed", "data", "model", "optimizer", "scheduler", "trainer") if key in resolved
+    }
 
 
 def checkpoint_path(path: str | None) -> str | None:
@@ -77,6 +86,10 @@ def train(cfg: DictConfig) -> dict:
         "wall_s": round(time.perf_counter() - start, 1),
         "run_dir": cfg.output_dir,
     }
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab: this run's config beside its real results
+            results = {key: metrics[key] for key in ("test/acc", "val/acc_best") if metrics[key] is not None}
+            logger.log_hyperparams(hyperparameters(cfg), metrics=results)
     return write_metrics(metrics, cfg.output_dir)
 
 
