@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: help install train sweep tensorboard test lint clean
+OPTIMIZERS ?= adam,sgd_steplr
+SEEDS      ?= 0,1,2
+COMPARE_DIR := outputs/multiruns/$(shell date +%Y-%m-%d_%H-%M-%S)_compare
+
+.PHONY: help install train sweep compare tensorboard test lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,6 +28,10 @@ train: $(VENV)/.installed  ## train once: make train ARGS="optimizer=sgd_steplr 
 
 sweep: $(VENV)/.installed  ## multirun: make sweep ARGS="optimizer=adam,sgd_steplr seed=0,1,2"
 	$(BIN)/python src/train.py --multirun $(or $(ARGS),optimizer=adam,sgd_steplr)
+
+compare: $(VENV)/.installed  ## sweep OPTIMIZERS × SEEDS (+ ARGS), then report.md + curves.png in the sweep dir
+	$(BIN)/python src/train.py --multirun optimizer=$(OPTIMIZERS) seed=$(SEEDS) hydra.sweep.dir=$(COMPARE_DIR) $(ARGS); \
+	status=$$?; $(BIN)/python src/compare.py $(COMPARE_DIR) && exit $$status
 
 tensorboard: $(VENV)/.installed  ## TensorBoard over every run: http://localhost:6006
 	$(BIN)/tensorboard --logdir outputs

@@ -1,0 +1,175 @@
+"""Compare the jobs of a finished (or partly failed) multirun: report.md and curves.png in the sweep dir.
+
+Each job is read from what the run itself wrote: its overrides (.hydra/overrides.yaml), its metrics.json and
+its TensorBoard events (through TensorBoard's own EventAccumulator). Jobs are grouped by the keys the sweep
+varied (seeds excepted), or by the keys given with `by=`.
+"""
+
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cnnlab import UserError
+
+# The slides' test accuracy for each training option (a row of the report shows it where the group matches).
+SLIDES = {"optimizer=adam": ("Option 1", 0.7051), "optimizer=sgd_steplr": ("Option 2", 0.7016)}
+CURVES = {"val/acc": ("validation accuracy (%)", 100), "train/loss_epoch": ("training loss", 1)}  # title, scale
+REPORTED = ("test/acc", "val/acc_best", "epochs", "wall_s")
+
+
+@dataclass
+class Job:
+    name: str
+    overrides: dict[str, str]
+    metrics: dict | None  # None: the job did not finish
+    curves: dict[str, list[float]] = field(default_factory=dict)
+
+
+def read_jobs(sweep: Path) -> list[Job]:
+    if not (sweep / "multirun.yaml").is_file():
+        raise UserError(f"{sweep} is not a multirun dir: it has no multirun.yaml (made by `train.py -m`)")
+    jobs = []
+    for overrides_file in sorted(sweep.glob("*/.hydra/overrides.yaml"), key=job_number):
+        job_dir = overrides_file.parent.parent
+        overrides = dict(o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
+        metrics_file = job_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        jobs.append(Job(job_dir.name, overrides, metrics, read_curves(job_dir) if metrics else {}))
+    if not jobs:
+        raise UserError(f"{sweep}: no job folders (<n>_<overrides>/.hydra/overrides.yaml) in this multirun")
+    return jobs
+
+
+def job_number(path: Path) -> int:
+    name = path.parent.parent.name
+    return int(name.split("_", 1)[0]) if name.split("_", 1)[0].isdigit() else 1 << 30
+
+
+def read_curves(job_dir: Path) -> dict[str, list[float]]:
+    """Per-epoch scalars from the job's TensorBoard events, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict[str, list[float]] = {}
+    for events in sorted(job_dir.glob("tensorboard/events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in CURVES:
+            if tag in accumulator.Tags()["scalars"]:
+                curves.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
+    return curves
+
+
+def group_keys(jobs: list[Job], by: list[str] | None) -> list[str]:
+    keys = sorted({key for job in jobs for key in job.overrides})
+    if by:
+        unknown = [key for key in by if key not in keys]
+        if unknown:
+            raise UserError(f"by={','.join(by)}: {unknown} was not overridden in this sweep; keys: {keys}")
+        return by
+    varied = [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1 and key != "seed"]
+    return varied
+
+
+def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, list[Job]]]:
+    """The report's markdown and the finished jobs grouped by the keys."""
+    jobs = read_jobs(sweep)
+    finished = [job for job in jobs if job.metrics is not None]
+    failed = [job for job in jobs if job.metrics is None]
+    if not finished:
+        raise UserError(f"{sweep}: none of its {len(jobs)} jobs finished (no metrics.json): nothing to report")
+    missing = {job.name: [k for k in REPORTED if job.metrics.get(k) is None] for job in finished}
+    missing = {name: keys for name, keys in missing.items() if keys}
+    if missing:
+        raise UserError(f"{sweep}: jobs lack metrics {missing}: were they made by another version of train.py?")
+
+    keys = group_keys(jobs, by)
+    groups: dict[str, list[Job]] = {}
+    for job in finished:
+        label = ",".join(f"{key}={job.overrides.get(key, '(default)')}" for key in keys) or "all jobs"
+        groups.setdefault(label, []).append(job)
+
+    lines = [
+        f"# {sweep.name}",
+        "",
+        f"Grouped by {', '.join(keys) or 'nothing (one group)'}; {len(finished)} finished jobs, {len(failed)} failed.",
+        "Accuracies in %, mean ± std over the runs of a group (std needs two runs); wall time per run.",
+        "",
+        "| group | runs | test acc | min – max | best val acc | epochs | wall s | slides |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, members in groups.items():
+        test = [100 * job.metrics["test/acc"] for job in members]
+        val = [100 * job.metrics["val/acc_best"] for job in members]
+        epochs = sorted({job.metrics["epochs"] for job in members})
+        wall = statistics.mean(job.metrics["wall_s"] for job in members)
+        slides = [f"{name}: {100 * acc:.2f}" for part, (name, acc) in SLIDES.items() if part in label.split(",")]
+        lines.append(
+            f"| {label} | {len(members)} | {mean_std(test)} | {min(test):.2f} – {max(test):.2f} | {mean_std(val)} "
+            f"| {'/'.join(map(str, epochs))} | {wall:.0f} | {', '.join(slides) or '–'} |"
+        )
+    if failed:
+        lines += ["", "Failed jobs (no metrics.json):", ""] + [f"- {job.name}" for job in failed]
+    return "\n".join(lines) + "\n", groups
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def plot_curves(groups: dict[str, list[Job]], path: Path) -> None:
+    """Validation accuracy and training loss per epoch: mean line and min–max band, one colour per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4.2))
+    for colour, (label, members) in enumerate(groups.items()):
+        for axis, (tag, (_, scale)) in zip(axes, CURVES.items(), strict=True):
+            runs = [job.curves.get(tag, []) for job in members]
+            length = min(map(len, runs))
+            if length == 0:
+                continue
+            values = scale * np.array([run[:length] for run in runs])
+            epochs = np.arange(1, length + 1)
+            axis.plot(epochs, values.mean(0), color=f"C{colour}", label=f"{label} ({len(runs)} runs)")
+            axis.fill_between(epochs, values.min(0), values.max(0), color=f"C{colour}", alpha=0.2)
+    for axis, (title, _) in zip(axes, CURVES.values(), strict=True):
+        axis.set(title=title, xlabel="epoch")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    write_atomically(path, lambda file: fig.savefig(file, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_atomically(path: Path, write) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as file:
+            write(file)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def compare(sweep: str | Path, by: list[str] | None = None) -> str:
+    """Write report.md and curves.png into the sweep dir; return the report."""
+    sweep = Path(sweep)
+    if not sweep.is_dir():
+        raise UserError(f"{sweep}: no such directory")
+    report, groups = summarise(sweep, by)
+    for name in ("report.md", "curves.png"):
+        if (sweep / name).exists():
+            print(f"note: replacing the existing {sweep / name}")
+    plot_curves(groups, sweep / "curves.png")
+    write_atomically(sweep / "report.md", lambda file: file.write(report.encode()))
+    return report

@@ -1,0 +1,98 @@
+"""src/compare.py on a real (tiny) multirun: report.md, curves.png, and the clear errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / "compare.py"), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def sweep(tiny_sweep, tmp_path):
+    """A copy of the tiny sweep that a test may change."""
+    return shutil.copytree(tiny_sweep, tmp_path / "sweep")
+
+
+def table_rows(report: str) -> list[list[str]]:
+    rows = [line.strip("|").split("|") for line in report.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row] for row in rows[2:]]  # without the header and its --- line
+
+
+def test_report_groups_by_the_swept_optimizer(sweep):
+    done = compare(sweep)
+    assert done.returncode == 0, done.stderr
+    report = (sweep / "report.md").read_text()
+    assert report in done.stdout  # the table is printed too
+    rows = {row[0]: row for row in table_rows(report)}
+    assert set(rows) == {"optimizer=adam", "optimizer=sgd_steplr"}
+    assert rows["optimizer=adam"][1] == "2" and rows["optimizer=adam"][-1] == "Option 1: 70.51"
+    assert rows["optimizer=sgd_steplr"][-1] == "Option 2: 70.16"
+    accs = [100 * json.loads(p.read_text())["test/acc"] for p in sweep.glob("*optimizer=adam*/metrics.json")]
+    mean = sum(accs) / 2
+    assert rows["optimizer=adam"][2].startswith(f"{mean:.2f} ± ")
+    assert rows["optimizer=adam"][3] == f"{min(accs):.2f} – {max(accs):.2f}"
+    assert rows["optimizer=adam"][5] == "2"  # epochs
+    assert (sweep / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_group_by_another_key_and_say_when_replacing(sweep):
+    assert compare(sweep).returncode == 0
+    again = compare(sweep, "by=seed")
+    assert again.returncode == 0
+    assert f"note: replacing the existing {sweep / 'report.md'}" in again.stdout
+    assert [row[0] for row in table_rows((sweep / "report.md").read_text())] == ["seed=0", "seed=1"]
+
+
+def test_failed_jobs_are_listed_not_hidden(sweep):
+    (failed,) = [p for p in sweep.iterdir() if p.name.startswith("3_")]
+    (failed / "metrics.json").unlink()
+    done = compare(sweep)
+    assert done.returncode == 0, done.stderr
+    report = (sweep / "report.md").read_text()
+    assert "3 finished jobs, 1 failed" in report and f"- {failed.name}" in report
+    rows = {row[0]: row[1] for row in table_rows(report)}
+    assert rows == {"optimizer=adam": "2", "optimizer=sgd_steplr": "1"}
+
+
+def test_not_a_multirun(tmp_path):
+    done = compare(tmp_path)
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip()
+        == f"error: {tmp_path} is not a multirun dir: it has no multirun.yaml (made by `train.py -m`)"
+    )
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_no_finished_job(sweep):
+    for metrics in sweep.glob("*/metrics.json"):
+        metrics.unlink()
+    done = compare(sweep)
+    assert done.returncode == 1 and "none of its 4 jobs finished" in done.stderr
+    assert not (sweep / "report.md").exists() and not (sweep / "curves.png").exists()
+
+
+def test_jobs_with_different_metrics(sweep):
+    metrics_file = next(sweep.glob("0_*/metrics.json"))
+    metrics = json.loads(metrics_file.read_text())
+    del metrics["val/acc_best"]
+    metrics_file.write_text(json.dumps(metrics))
+    done = compare(sweep)
+    assert done.returncode == 1 and "lack metrics" in done.stderr and "val/acc_best" in done.stderr
+    assert not (sweep / "report.md").exists()
+
+
+def test_bad_arguments(sweep):
+    assert compare().returncode == 2
+    assert compare(sweep, "group=seed").returncode == 2
+    unknown = compare(sweep, "by=model.pool")
+    assert unknown.returncode == 1 and "by=model.pool" in unknown.stderr and "'optimizer'" in unknown.stderr
