@@ -23,8 +23,18 @@ def sweep(tiny_sweep, tmp_path):
 
 
 def table_rows(report: str) -> list[list[str]]:
-    rows = [line.strip("|").split("|") for line in report.splitlines() if line.startswith("| ")]
-    return [[cell.strip() for cell in row] for row in rows[2:]]  # without the header and its --- line
+    """The rows of the report's first table (the groups), without its header."""
+    table = report.split("\n\n")[2]
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+def test_report_lists_every_finished_job(sweep):
+    assert compare(sweep).returncode == 0
+    report = (sweep / "report.md").read_text()
+    for metrics_file in sweep.glob("*/metrics.json"):
+        test_acc = 100 * json.loads(metrics_file.read_text())["test/acc"]
+        assert f"| {metrics_file.parent.name} | {test_acc:.2f} |" in report
 
 
 def test_report_groups_by_the_swept_optimizer(sweep):

@@ -91,6 +91,7 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
     for job in finished:
         label = ",".join(f"{key}={job.overrides.get(key, '(default)')}" for key in keys) or "all jobs"
         groups.setdefault(label, []).append(job)
+    groups = dict(sorted(groups.items()))  # the same order, and colours, whatever order the sweep ran in
 
     lines = [
         f"# {sweep.name}",
@@ -111,6 +112,10 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
             f"| {label} | {len(members)} | {mean_std(test)} | {min(test):.2f} – {max(test):.2f} | {mean_std(val)} "
             f"| {'/'.join(map(str, epochs))} | {wall:.0f} | {', '.join(slides) or '–'} |"
         )
+    lines += ["", "| job | test acc | best val acc | epochs | wall s |", "| --- | --- | --- | --- | --- |"]
+    for job in finished:
+        test, val = 100 * job.metrics["test/acc"], 100 * job.metrics["val/acc_best"]
+        lines.append(f"| {job.name} | {test:.2f} | {val:.2f} | {job.metrics['epochs']} | {job.metrics['wall_s']:.0f} |")
     if failed:
         lines += ["", "Failed jobs (no metrics.json):", ""] + [f"- {job.name}" for job in failed]
     return "\n".join(lines) + "\n", groups
