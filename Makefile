@@ -8,7 +8,7 @@ OPTIMIZERS ?= adam,sgd_steplr
 SEEDS      ?= 0,1,2
 COMPARE_DIR := outputs/multiruns/$(shell date +%Y-%m-%d_%H-%M-%S)_compare
 
-.PHONY: help install train sweep compare tensorboard test lint clean
+.PHONY: help install train sweep compare tensorboard bench bench-quick test lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,12 +36,18 @@ compare: $(VENV)/.installed  ## sweep OPTIMIZERS × SEEDS (+ ARGS), then report.
 tensorboard: $(VENV)/.installed  ## TensorBoard over every run: http://localhost:6006
 	$(BIN)/tensorboard --logdir outputs
 
+bench: $(VENV)/.installed  ## training throughput: ours vs bare loop vs DataLoader recipe → docs/benchmarks.md (~8 min)
+	$(BIN)/python bench/bench.py --write docs/benchmarks.md
+
+bench-quick: $(VENV)/.installed  ## the same table from fewer steps, printed (< 2 min)
+	$(BIN)/python bench/bench.py --quick
+
 test: $(VENV)/.installed  ## the test suite (CPU, no network, a few minutes)
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(VENV)/.installed  ## ruff: lint and format check
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 clean:  ## remove outputs and caches (keeps .venv and the decoded-data cache)
 	rm -rf outputs/runs outputs/multiruns outputs/evals .pytest_cache .ruff_cache

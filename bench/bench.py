@@ -11,8 +11,10 @@ so start-up, validation and test are left out. Benchmarks are not tests: nothing
 """
 
 import argparse
+import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,9 +57,10 @@ class StepTimer(L.Callback):
             self.end = time.perf_counter()
 
 
-def ours(args, tmp: Path) -> float:
+def ours(args, settings: list[str], tmp: Path) -> float:
     cfg = compose_config(
         [
+            *settings,
             f"data.root={args.data}",
             "trainer=cpu",
             "trainer.max_epochs=1",
@@ -65,31 +68,34 @@ def ours(args, tmp: Path) -> float:
             "+trainer.limit_val_batches=1",
             "+trainer.limit_test_batches=1",
             f"output_dir={tmp}",
-            "+callbacks.bench_timer._target_=__main__.StepTimer",
+            f"+callbacks.bench_timer._target_={__name__}.StepTimer",
             f"+callbacks.bench_timer.warmup={args.warmup}",
-        ],
+        ]
     )
     train(cfg)
     timer = StepTimer.last
     return timer.images / (timer.end - timer.start)
 
 
-def bare(args, arrays) -> float:
-    cfg = compose_config([])
-    net = make(cfg.model)
+def bare(args, settings: list[str], arrays) -> float:
+    """The same math as `ours` with the same settings (layout, precision, batch size), as a plain loop."""
+    cfg = compose_config(settings)
+    net = make(cfg.model)  # converts itself and its input to channels_last when the settings say so
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optimizer.lr)
     images = torch.from_numpy(arrays.train_images).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(arrays.train_labels)
     mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)
     std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
     order, batch_size = torch.randperm(len(labels)), cfg.data.batch_size
+    bf16 = cfg.trainer.precision == "bf16-mixed"
     net.train()
     for step in range(args.steps):
         if step == args.warmup:
             start = time.perf_counter()
         index = order[step * batch_size : (step + 1) * batch_size]
         x = (images[index].float() / 255 - mean) / std
-        loss = torch.nn.functional.cross_entropy(net(x), labels[index])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(net(x), labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -135,52 +141,87 @@ def usual(args, arrays) -> float:
     return images / (time.perf_counter() - start)
 
 
+SETTINGS = {  # name: overrides. "slides" is the reproduction default: fp32, batch 64.
+    "slides": [],
+    "fast_cpu": ["experiment=fast_cpu"],
+}
+LADDER = {  # what each fast setting adds, measured on the real path (full run only)
+    "+ channels_last": ["model.channels_last=true"],
+    "+ channels_last + bf16": ["model.channels_last=true", "trainer.precision=bf16-mixed"],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and repeats: under 2 minutes")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
-    parser.add_argument("--write", type=Path, help="write the table into this markdown file")
+    parser.add_argument("--write", type=Path, help="write the results into this markdown file")
     args = parser.parse_args()
-    args.steps, args.warmup, repeats = (250, 25, 2) if args.quick else (700, 50, 3)
-
-    import tempfile
+    args.steps, args.warmup, repeats = (200, 20, 2) if args.quick else (700, 50, 3)
 
     arrays = load_cifar10(args.data, download=False, cache_dir=compose_config([]).data.cache_dir)
-    ways = {
-        "ours": lambda tmp: ours(args, tmp),
-        "bare": lambda _: bare(args, arrays),
-        "usual": lambda _: usual(args, arrays),
-    }
-    results: dict[str, list[float]] = {name: [] for name in ways}
+    runs = {}  # (way, settings) → a function of the temp dir
+    for name, settings in SETTINGS.items():
+        runs[("ours", name)] = lambda tmp, settings=settings: ours(args, settings, tmp)
+        runs[("bare", name)] = lambda tmp, settings=settings: bare(args, settings, arrays)
+    runs[("usual", "slides")] = lambda tmp: usual(args, arrays)
+    if not args.quick:
+        for name, settings in LADDER.items():
+            runs[("ours", name)] = lambda tmp, settings=settings: ours(args, settings, tmp)
+
+    results: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
-            for name, way in ways.items():  # interleaved, so drift in the machine hits every way alike
+            for key, run in runs.items():  # interleaved, so drift in the machine hits every way alike
                 torch.manual_seed(repeat)
-                results[name].append(way(Path(tmp) / f"{name}{repeat}"))
-                print(f"repeat {repeat + 1}/{repeats} {name}: {results[name][-1]:,.0f} images/s", flush=True)
+                results[key].append(run(Path(tmp) / f"{'-'.join(key)}-{repeat}"))
+                print(f"repeat {repeat + 1}/{repeats} {key[0]} {key[1]}: {results[key][-1]:,.0f} images/s", flush=True)
 
-    table = report(args, results)
-    print(table)
+    text = report(args, results, repeats)
+    print(text)
     if args.write:
-        args.write.write_text(table)
+        args.write.write_text(HEADER + text)
         print(f"wrote {args.write}")
 
 
-def report(args, results: dict[str, list[float]]) -> str:
-    median = {name: statistics.median(values) for name, values in results.items()}
+HEADER = """# Benchmarks
+
+Training throughput of the slide CNN on CIFAR-10 (the JPEG copy, through the project's decoded cache), three
+ways on the same data, interleaved A B C A B C so that drift in the machine hits all alike:
+
+- **ours**: the real path, `train(cfg)`: Trainer, DataModule, logging, checkpointing as a user runs it;
+- **bare**: a plain PyTorch loop with the same math (model, layout, precision, batch size, Adam) over the
+  same in-memory tensors;
+- **usual**: the tutorial recipe: per-sample `ToTensor` + `Normalize` on PIL images feeding a `DataLoader`
+  (fp32, batch 64, no workers: workers only compete for the same 2 cores).
+
+Images/s counts training batches only, from the end of the warm-up batches to the end of the last one:
+start-up, validation and test are left out. Settings: **slides** is the reproduction default (fp32, batch 64,
+NCHW); **fast_cpu** is `experiment=fast_cpu` (channels_last, bf16 autocast, batch 128).
+
+Made by `make bench` (`python bench/bench.py --write docs/benchmarks.md`); `make bench-quick` prints the same
+table from fewer steps in under 2 minutes. What the fast settings do to accuracy: docs/results.md.
+
+"""
+
+
+def report(args, results: dict[tuple[str, str], list[float]], repeats: int) -> str:
+    median = {key: statistics.median(values) for key, values in results.items()}
     lines = [
-        "| way | images/s median | min | max |",
-        "| --- | --- | --- | --- |",
+        "| way | settings | images/s median | min | max |",
+        "| --- | --- | --- | --- | --- |",
         *(
-            f"| {name} | {median[name]:,.0f} | {min(values):,.0f} | {max(values):,.0f} |"
-            for name, values in results.items()
+            f"| {way} | {settings} | {median[(way, settings)]:,.0f} | {min(values):,.0f} | {max(values):,.0f} |"
+            for (way, settings), values in results.items()
         ),
         "",
-        f"ours / bare = {median['ours'] / median['bare']:.2f}, ours / usual = {median['ours'] / median['usual']:.2f} "
-        f"(medians; fp32, batch 64, Adam; {args.steps - args.warmup} timed steps after {args.warmup} warm-up, "
-        f"{len(next(iter(results.values())))} repeats)",
+        "| ratio (medians) | value |",
+        "| --- | --- |",
+        *(f"| ours / bare, {name} | {median[('ours', name)] / median[('bare', name)]:.2f} |" for name in SETTINGS),
+        *(f"| ours {name} / usual | {median[('ours', name)] / median[('usual', 'slides')]:.2f} |" for name in SETTINGS),
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+        f"{args.steps - args.warmup} timed steps after {args.warmup} warm-up steps, {repeats} repeats. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
         f"torch {torch.__version__}, lightning {L.__version__}, Python {platform.python_version()}.",
     ]
     return "\n".join(lines) + "\n"

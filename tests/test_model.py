@@ -62,3 +62,14 @@ def test_shapes_that_do_not_fit_are_refused_naming_the_layer():
 def test_unknown_pool_is_refused():
     with pytest.raises(UserError, match="model.pool='min'"):
         slide_cnn("model.pool=min")
+
+
+def test_channels_last_is_the_same_network_in_another_memory_layout():
+    torch.manual_seed(0)
+    plain = slide_cnn().eval()
+    fast = slide_cnn("model.channels_last=true").eval()
+    fast.load_state_dict(plain.state_dict())
+    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(fast(images), plain(images), rtol=1e-4, atol=1e-5)

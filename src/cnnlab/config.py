@@ -74,6 +74,7 @@ class ModelSchema:  # cnnlab.model.SlideCNN
     pool: str = MISSING
     pool_size: int = MISSING
     dropout: float = MISSING
+    channels_last: bool = MISSING
 
 
 ConfigStore.instance().store(group="schema", name="data", node=DataSchema)

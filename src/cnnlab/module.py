@@ -47,7 +47,7 @@ class LitClassifier(LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels)
         accuracy = self.accuracy[f"{stage}_"]
-        accuracy(logits, labels)
+        accuracy.update(logits, labels)  # state only: the per-batch value would be computed and thrown away
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "train")
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         if stage == "test":
