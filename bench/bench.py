@@ -57,19 +57,25 @@ class StepTimer(L.Callback):
             self.end = time.perf_counter()
 
 
+def steps(args, batch_size: int) -> tuple[int, int]:
+    """The same number of images for every way and batch size, within one epoch: (steps, warm-up steps)."""
+    return args.images // batch_size, args.warmup_images // batch_size
+
+
 def ours(args, settings: list[str], tmp: Path) -> float:
+    total, warmup = steps(args, compose_config(settings).data.batch_size)
     cfg = compose_config(
         [
             *settings,
             f"data.root={args.data}",
             "trainer=cpu",
             "trainer.max_epochs=1",
-            f"+trainer.limit_train_batches={args.steps}",
+            f"+trainer.limit_train_batches={total}",
             "+trainer.limit_val_batches=1",
             "+trainer.limit_test_batches=1",
             f"output_dir={tmp}",
             f"+callbacks.bench_timer._target_={__name__}.StepTimer",
-            f"+callbacks.bench_timer.warmup={args.warmup}",
+            f"+callbacks.bench_timer.warmup={warmup}",
         ]
     )
     train(cfg)
@@ -87,19 +93,22 @@ def bare(args, settings: list[str], arrays) -> float:
     mean = torch.tensor(cfg.data.mean).view(1, -1, 1, 1)
     std = torch.tensor(cfg.data.std).view(1, -1, 1, 1)
     order, batch_size = torch.randperm(len(labels)), cfg.data.batch_size
+    total, warmup = steps(args, batch_size)
     bf16 = cfg.trainer.precision == "bf16-mixed"
     net.train()
-    for step in range(args.steps):
-        if step == args.warmup:
+    timed_images = 0
+    for step in range(total):
+        if step == warmup:
             start = time.perf_counter()
         index = order[step * batch_size : (step + 1) * batch_size]
+        timed_images += len(index) if step >= warmup else 0
         x = (images[index].float() / 255 - mean) / std
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(net(x), labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return (args.steps - args.warmup) * batch_size / (time.perf_counter() - start)
+    return timed_images / (time.perf_counter() - start)
 
 
 class PerSampleCIFAR10(Dataset):
@@ -126,17 +135,17 @@ def usual(args, arrays) -> float:
     net = make(cfg.model)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.optimizer.lr)
     net.train()
-    images = 0
+    images, (total, warmup) = 0, steps(args, cfg.data.batch_size)
     for step, (x, y) in enumerate(loader):
-        if step == args.warmup:
+        if step == warmup:
             start = time.perf_counter()
-        if step >= args.warmup:
+        if step >= warmup:
             images += len(y)
         loss = torch.nn.functional.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step + 1 == args.steps:
+        if step + 1 == total:
             break
     return images / (time.perf_counter() - start)
 
@@ -157,7 +166,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
     parser.add_argument("--write", type=Path, help="write the results into this markdown file")
     args = parser.parse_args()
-    args.steps, args.warmup, repeats = (200, 20, 2) if args.quick else (700, 50, 3)
+    # Images per way and repeat: at most one epoch of the 45,000 training images, whatever the batch size.
+    args.images, args.warmup_images, repeats = (12_800, 1_280, 2) if args.quick else (44_800, 3_200, 3)
 
     arrays = load_cifar10(args.data, download=False, cache_dir=compose_config([]).data.cache_dir)
     runs = {}  # (way, settings) → a function of the temp dir
@@ -220,11 +230,21 @@ def report(args, results: dict[tuple[str, str], list[float]], repeats: int) -> s
         *(f"| ours / bare, {name} | {median[('ours', name)] / median[('bare', name)]:.2f} |" for name in SETTINGS),
         *(f"| ours {name} / usual | {median[('ours', name)] / median[('usual', 'slides')]:.2f} |" for name in SETTINGS),
         "",
-        f"{args.steps - args.warmup} timed steps after {args.warmup} warm-up steps, {repeats} repeats. "
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+        f"{args.images - args.warmup_images:,} timed images after {args.warmup_images:,} warm-up images, "
+        f"{repeats} repeats. "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
         f"torch {torch.__version__}, lightning {L.__version__}, Python {platform.python_version()}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [
+        line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+    ]
+    flags = cpuinfo.read_text().split()
+    return f"{names[0] if names else platform.machine()}{' (AVX-512 BF16)' if 'avx512_bf16' in flags else ''}"
 
 
 if __name__ == "__main__":
