@@ -20,7 +20,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except UserError as err:
         sys.exit(f"error: {err}")
-    print(f"test/acc={metrics['test/acc']:.4f} val/acc_best={metrics['val/acc_best']} run_dir={cfg.output_dir}")
+    best = "none" if metrics["val/acc_best"] is None else f"{metrics['val/acc_best']:.4f}"
+    print(f"test/acc={metrics['test/acc']:.4f} val/acc_best={best} run_dir={cfg.output_dir}")
     return metrics["val/acc_best"]  # what a sweeper optimises
 
 

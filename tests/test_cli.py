@@ -55,7 +55,7 @@ def test_single_run_dir_and_summary_line(tree_archive, tmp_path):
     assert {"metrics.json", "train.log", ".hydra", "checkpoints", "tensorboard"} <= {p.name for p in run_dir.iterdir()}
     assert done.stdout.strip().splitlines()[-1] == (
         f"test/acc={json.loads((run_dir / 'metrics.json').read_text())['test/acc']:.4f} "
-        f"val/acc_best={json.loads((run_dir / 'metrics.json').read_text())['val/acc_best']} run_dir={run_dir}"
+        f"val/acc_best={json.loads((run_dir / 'metrics.json').read_text())['val/acc_best']:.4f} run_dir={run_dir}"
     )
 
 

@@ -68,7 +68,9 @@ class LitClassifier(LightningModule):
         """Per-class test accuracy as scalars, and the confusion matrix as an image in TensorBoard."""
         confusion = self.test_confusion.compute()  # rows: true class, columns: predicted class
         per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
-        names = getattr(self.trainer.datamodule, "classes", None) or [str(i) for i in range(len(per_class))]
+        names = getattr(self.trainer.datamodule, "classes", None) or []
+        if len(names) != len(per_class):  # a data set with fewer classes than the model's outputs
+            names = [str(i) for i in range(len(per_class))]
         for name, accuracy in zip(names, per_class, strict=True):
             self.log(f"test/acc_class/{name}", accuracy)
         for logger in self.loggers:
