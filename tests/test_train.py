@@ -1,7 +1,10 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnlab import UserError
@@ -52,6 +55,12 @@ def test_step_lr_lowers_the_learning_rate(tiny_overrides, tmp_path):
     assert lrs == pytest.approx([0.01, 0.005, 0.0025])
 
 
+def test_cosine_schedule_spans_the_runs_epochs(tiny_overrides, tmp_path):
+    train(compose_config("train", [*tiny_overrides, "optimizer=sgd_cosine", "trainer.max_epochs=4"]))
+    lrs = [event.value for event in events(tmp_path / "run").Scalars("lr-SGD")]
+    assert lrs == pytest.approx([0.02 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in range(4)])
+
+
 def test_seed_zero_is_applied(tiny_overrides, tmp_path):
     first = train(compose_config("train", [*tiny_overrides, "seed=0"]))
     second = train(compose_config("train", [*tiny_overrides, "seed=0", f"output_dir={tmp_path / 'again'}"]))
@@ -90,3 +99,25 @@ def test_evaluate_refuses_a_checkpoint_of_another_model(tiny_overrides, tmp_path
 def test_missing_checkpoint_is_a_clear_error(tiny_overrides, tmp_path):
     with pytest.raises(UserError, match="ckpt_path=.*nope.ckpt: no such checkpoint"):
         train(compose_config("train", [*tiny_overrides, f"ckpt_path={tmp_path / 'nope.ckpt'}"]))
+
+
+def test_training_epoch_logs_the_mean_loss_and_accuracy_over_its_images(tiny_overrides, tmp_path):
+    # lr 0 and no dropout: the network of every step is the initial one, so the epoch's training loss and
+    # accuracy can be computed again from the best checkpoint, over the same 60 images (batches 16+16+16+12).
+    overrides = ["optimizer.lr=0", "model.dropout=0", "trainer.max_epochs=1", "seed=2"]
+    cfg = compose_config("train", [*tiny_overrides, *overrides])
+    metrics = train(cfg)
+    logged = events(tmp_path / "run")
+    loss, accuracy = (logged.Scalars(tag)[-1].value for tag in ("train/loss_epoch", "train/acc"))
+
+    datamodule, net = instantiate(cfg.data, _convert_="all"), instantiate(cfg.model)
+    state = torch.load(metrics["best_checkpoint"], weights_only=True)["state_dict"]
+    net.load_state_dict({key.removeprefix("net."): value for key, value in state.items() if key.startswith("net.")})
+    datamodule.setup("fit")
+    images, labels = datamodule.splits["train"]
+    with torch.no_grad():
+        logits = net(datamodule.normalize(images))
+    assert len(labels) == 60
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert 0 < accuracy < 1  # seed 2: an initial network that gets some right, so a wrong count would show

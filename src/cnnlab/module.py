@@ -11,7 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 
 class LitClassifier(LightningModule):
-    """Cross-entropy on logits, accuracy from torchmetrics, metrics logged as `stage/metric`.
+    """Cross-entropy on logits, accuracy from torchmetrics (validation, test), metrics logged as `stage/metric`.
 
     `optimizer` and `scheduler` are partials (Hydra `_partial_: true`): the optimizer still needs the
     parameters, the scheduler the optimizer. So any torch.optim optimizer or scheduler is one YAML file.
@@ -31,8 +31,13 @@ class LitClassifier(LightningModule):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss()
         self.accuracy = nn.ModuleDict(
-            {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("train_", "val_", "test_")}
-        )  # "train_": ModuleDict keys may not clash with nn.Module attributes such as `train`
+            {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("val", "test")}
+        )
+        # The training epoch's loss and accuracy as running sums (loss × images, correct predictions) on the
+        # model's device, and a count of images. One small in-place add per step, ~0.07 ms; torchmetrics' updates
+        # and a per-step self.log cost ~0.4 ms and ~1 ms here (measured), against a ~22 ms CPU step.
+        self.train_sums = torch.zeros(2)  # float32, not a buffer: bf16-true would round the sums
+        self.train_images = 0
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
@@ -42,27 +47,31 @@ class LitClassifier(LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def training_step(self, batch, batch_idx):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        accuracy = self.accuracy[f"{stage}_"]
-        accuracy.update(logits, labels)  # state only: the per-batch value would be computed and thrown away
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=stage != "train")
-        if stage != "train":  # train/acc: once per epoch, in on_train_epoch_end (each self.log costs ~0.3 ms)
-            self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        if stage == "test":
-            self.test_confusion.update(logits, labels)
+        with torch.no_grad():
+            correct = (logits.argmax(1) == labels).sum()
+            self.train_sums += torch.stack((loss * len(labels), correct.to(loss.dtype)))
+        self.train_images += len(labels)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the steps the loggers write
+            self.log("train/loss_step", loss.detach())
         return loss
 
-    def training_step(self, batch, batch_idx):
-        return self.step(batch, "train")
+    def eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        self.accuracy[stage].update(logits, labels)
+        self.log(f"{stage}/loss", self.criterion(logits, labels), prog_bar=stage == "val")
+        self.log(f"{stage}/acc", self.accuracy[stage], prog_bar=stage == "val")
+        return logits
 
     def validation_step(self, batch, batch_idx):
-        self.step(batch, "val")
+        self.eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
-        self.step(batch, "test")
+        self.test_confusion.update(self.eval_step(batch, "test"), batch[1])
 
     def on_test_epoch_end(self) -> None:
         """Per-class test accuracy as scalars, and the confusion matrix as an image in TensorBoard."""
@@ -80,14 +89,21 @@ class LitClassifier(LightningModule):
                 logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
         self.test_confusion.reset()
 
+    def on_train_epoch_start(self) -> None:
+        self.train_sums, self.train_images = torch.zeros(2, device=self.device), 0
+
     def on_train_epoch_end(self) -> None:
-        self.log("train/acc", self.accuracy["train_"].compute())
-        self.accuracy["train_"].reset()
+        if self.train_images == 0:
+            return
+        sums = torch.cat((self.train_sums, self.train_sums.new_tensor([self.train_images])))
+        loss_sum, correct, images = self.trainer.strategy.reduce(sums, reduce_op="sum")  # summed over processes
+        self.log("train/loss_epoch", loss_sum / images)
+        self.log("train/acc", correct / images)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # the check before training is not an epoch
             return
-        self.val_acc_best(self.accuracy["val_"].compute())
+        self.val_acc_best(self.accuracy["val"].compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def configure_optimizers(self):
