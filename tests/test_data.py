@@ -1,4 +1,5 @@
 import urllib.error
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -117,6 +118,28 @@ def test_batches_cover_every_image_once_per_epoch():
     seen = torch.cat([y for _, y in epoch])
     assert sorted(seen.tolist()) == list(range(10)) and seen.tolist() != list(range(10))
     assert all(torch.equal(x[:, 0], y * 2) for x, y in epoch)  # images stay with their labels
+
+
+def test_the_set_moves_to_the_trainers_device_and_batches_are_cut_there(tree_archive, tmp_path):
+    # "meta" stands in for a GPU: tensors there have shapes but no data, and nothing is copied back.
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), training=True)
+    for on_device, device in [(True, "meta"), (False, "cpu")]:
+        cfg = compose_config("train", [f"data.root={tree_archive}", f"data.cache_dir={tmp_path}", "data.val_size=20"])
+        dm = instantiate(cfg.data, _convert_="all", on_device=on_device)
+        dm.trainer = trainer
+        dm.setup("fit")
+        assert {tensor.device.type for split in dm.splits.values() for tensor in split} == {device}
+        images, labels = next(iter(dm.train_dataloader()))
+        assert images.device.type == labels.device.type == device and images.dtype == torch.uint8
+
+
+def test_prepared_arrays_are_used_once_by_setup(tree_archive, tmp_path, monkeypatch):
+    cfg = compose_config("train", [f"data.root={tree_archive}", f"data.cache_dir={tmp_path}", "data.val_size=20"])
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    monkeypatch.setattr(cnnlab.data, "load_cifar10", lambda *args: pytest.fail("setup read the data again"))
+    dm.setup("fit")
+    assert dm.prepared is None and len(dm.splits["train"][1]) == 80 - 20
 
 
 def test_batch_normalisation_runs_on_the_whole_batch(tree_archive, tmp_path):

@@ -57,6 +57,7 @@ class DataSchema:  # cnnlab.data.CIFAR10DataModule
     crop_padding: int = MISSING
     mean: list[float] = MISSING
     std: list[float] = MISSING
+    on_device: bool = MISSING
 
 
 @dataclass

@@ -192,7 +192,8 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = torch.randperm(n) if self.shuffle else torch.arange(n)  # seeded by Lightning's seed_everything
+        device = self.images.device  # on the data's device: a GPU-resident set is indexed on the GPU
+        order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)  # seeded
         for start in range(0, n, self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.images[index], self.labels[index]
@@ -229,6 +230,7 @@ class CIFAR10DataModule(LightningDataModule):
         crop_padding: int,
         mean: list[float],
         std: list[float],
+        on_device: bool = True,
     ):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -237,15 +239,18 @@ class CIFAR10DataModule(LightningDataModule):
         self.classes: list[str] = []
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mean_std: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # per device, made once
+        self.prepared: CifarArrays | None = None
 
     def prepare_data(self) -> None:
-        # Runs once per machine (before any process of a multi-GPU run reads it): download or decode + cache.
-        load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
+        # Runs once per machine, before any process of a multi-GPU run reads the data: download, or decode into
+        # the cache. The arrays are kept for setup() in the same process, which so skips reading them again.
+        self.prepared = load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
 
     def setup(self, stage: str) -> None:
         if self.splits:
             return
-        arrays = load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
+        arrays = self.prepared or load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
+        self.prepared = None  # the splits below are copies: let the arrays go
         self.classes = arrays.classes
         # The slides' pre-processing step: images come as B×H×W×C (height, width, colour last), nn.Conv2d wants
         # B×C×H×W. torch.permute(0, 3, 1, 2) reorders the axes once, for the whole set; it stays uint8.
@@ -263,6 +268,11 @@ class CIFAR10DataModule(LightningDataModule):
             "val": (train_images[val_index], train_labels[val_index]),
             "test": (test_images, test_labels),
         }
+        if self.hparams.on_device and self.trainer is not None:
+            # The whole uint8 set (180 MB) moves to the model's device once, so a GPU gathers each batch itself:
+            # no host-to-device copy per step. On a CPU this changes nothing.
+            device = self.trainer.strategy.root_device
+            self.splits = {name: (x.to(device), y.to(device)) for name, (x, y) in self.splits.items()}
 
     def train_dataloader(self) -> TensorBatches:
         return TensorBatches(*self.splits["train"], self.hparams.batch_size, shuffle=True)
@@ -276,15 +286,19 @@ class CIFAR10DataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """On the model's device, for the whole batch: uint8 → float, normalise, augment (training only)."""
         if isinstance(batch, torch.Tensor):  # the model summary's example input: images without labels
-            return self.on_after_batch_transfer((batch, None), dataloader_idx)[0]
+            return self.normalize(batch)
         images, labels = batch
+        images = self.normalize(images)
+        if self.hparams.augment and self.trainer is not None and self.trainer.training:
+            images = random_crop_flip(images, self.hparams.crop_padding)
+        return images, labels
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 0–255 → float, minus the per-channel mean, over the per-channel std."""
         if images.device not in self.mean_std:
             self.mean_std[images.device] = tuple(
                 torch.tensor(values, device=images.device).view(1, -1, 1, 1)
                 for values in (self.hparams.mean, self.hparams.std)
             )
         mean, std = self.mean_std[images.device]
-        images = (images.float() / 255 - mean) / std
-        if self.hparams.augment and self.trainer is not None and self.trainer.training:
-            images = random_crop_flip(images, self.hparams.crop_padding)
-        return images, labels
+        return (images.float() / 255 - mean) / std
