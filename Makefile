@@ -8,7 +8,7 @@ OPTIMIZERS ?= adam,sgd_steplr
 SEEDS      ?= 0,1,2
 COMPARE_DIR := outputs/multiruns/$(shell date +%Y-%m-%d_%H-%M-%S)_compare
 
-.PHONY: help install train sweep compare tensorboard bench bench-quick test lint clean
+.PHONY: help install train sweep compare tensorboard bench bench-quick bench-gpu test lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ bench: $(VENV)/.installed  ## throughput (ours, bare loop, DataLoader recipe) + 
 
 bench-quick: $(VENV)/.installed  ## the same table from fewer steps, printed (< 2 min)
 	$(BIN)/python bench/bench.py --quick
+
+bench-gpu: $(VENV)/.installed  ## on a CUDA machine: throughput + time to 70.51 % → outputs/gpu-bench.md (< 8 min)
+	PYTHON=$(BIN)/python bash bench/gpu.sh
 
 test: $(VENV)/.installed  ## the test suite (CPU, no network, a few minutes)
 	$(BIN)/python -m pytest $(ARGS)
