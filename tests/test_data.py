@@ -50,7 +50,8 @@ def test_jpeg_tree_is_read(tmp_path):
 
 def test_decoded_once_then_loaded_from_the_cache(tree_archive, tmp_path, monkeypatch):
     first = load_cifar10(tree_archive, download=False, cache_dir=tmp_path)
-    assert [p.suffix for p in tmp_path.iterdir()] == [".npz"]  # one cache file, no temp file left
+    (cache,) = tmp_path.iterdir()  # one cache folder, no temp folder left
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{f}.npy" for f in first._fields[:4]] + ["classes.json"])
 
     def no_decoding(source):
         raise AssertionError("decoded again instead of reading the cache")
@@ -59,6 +60,14 @@ def test_decoded_once_then_loaded_from_the_cache(tree_archive, tmp_path, monkeyp
     again = load_cifar10(tree_archive, download=False, cache_dir=tmp_path)
     np.testing.assert_array_equal(first.train_images, again.train_images)
     assert again.classes == CLASSES
+
+
+def test_a_damaged_cache_is_named_in_the_error(tree_archive, tmp_path):
+    load_cifar10(tree_archive, download=False, cache_dir=tmp_path)
+    (cache,) = tmp_path.iterdir()
+    (cache / "train_images.npy").write_bytes(b"not an array")
+    with pytest.raises(UserError, match=f"{cache.name}: the decoded-image cache is damaged.*delete that folder"):
+        load_cifar10(tree_archive, download=False, cache_dir=tmp_path)
 
 
 def test_a_corrupt_image_leaves_no_cache(image_tree, tmp_path):

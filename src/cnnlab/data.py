@@ -5,18 +5,21 @@ Sources (`data.root`), detected in this order:
   - a folder holding torchvision's official CIFAR-10 (cifar-10-batches-py/)
   - a folder holding an image-folder tree (at its top or one folder down)
   - otherwise, with data.download=true, torchvision downloads the official CIFAR-10 into the folder.
-An image tree is decoded once into a cache file (data.cache_dir) that later runs load in about a second.
+An image tree is decoded once into a cache (data.cache_dir) that later runs map into memory at once.
 
 Both sources end as N×H×W×C uint8 arrays, as torchvision's CIFAR10.data is. The DataModule permutes them once
-to N×C×H×W and keeps them as uint8; each batch is a slice by a shuffled index, and the float conversion,
-normalisation and augmentation run on the whole batch, on the model's device, after the transfer.
+to N×C×H×W and keeps them as uint8, on the model's device with data.on_device; each batch is a slice by a
+shuffled index, and the float conversion, normalisation and augmentation run on the whole batch, on the
+model's device.
 """
 
 import hashlib
 import io
-import os
+import json
 import re
+import shutil
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from math import ceil
@@ -155,24 +158,34 @@ def decode_image_tree(source: Path) -> CifarArrays:
 
 
 def load_image_tree_cached(source: Path, cache_dir: Path) -> CifarArrays:
-    """Decode `source` once; later calls load the cache. The cache is keyed by the source's path, size and
-    modification time, and written atomically (a temp file renamed into place), so it is never half-written."""
+    """Decode `source` once; later calls map the cache into memory, which costs nothing until it is read.
+
+    The cache is a folder of .npy files keyed by the source's path, size and modification time, written into a
+    temp folder that is then renamed into place: it is never seen half-written."""
     stat = source.stat()
     key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = cache_dir / f"cifar10-{key}.npz"
-    if cache.is_file():
-        with np.load(cache) as saved:
-            return CifarArrays(*(saved[field] for field in CifarArrays._fields[:4]), saved["classes"].tolist())
+    cache = cache_dir / f"cifar10-{key}"
+    if cache.is_dir():
+        try:  # "c": copy-on-write, so torch.from_numpy gets a writable array without copying it
+            arrays = [np.load(cache / f"{field}.npy", mmap_mode="c") for field in CifarArrays._fields[:4]]
+            return CifarArrays(*arrays, json.loads((cache / "classes.json").read_text()))
+        except (OSError, ValueError) as err:
+            raise UserError(f"{cache}: the decoded-image cache is damaged ({err}); delete that folder") from err
     arrays = decode_image_tree(source)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        temp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        temp = Path(tempfile.mkdtemp(prefix=f"{cache.name}.", suffix=".tmp", dir=cache_dir))
         try:
-            with open(temp, "wb") as file:
-                np.savez(file, **arrays._asdict())
-            os.replace(temp, cache)
+            for field in CifarArrays._fields[:4]:
+                np.save(temp / f"{field}.npy", getattr(arrays, field))
+            (temp / "classes.json").write_text(json.dumps(arrays.classes))
+            try:
+                temp.rename(cache)
+            except OSError:
+                if not cache.is_dir():  # else another process wrote the same cache first: keep theirs
+                    raise
         finally:
-            temp.unlink(missing_ok=True)
+            shutil.rmtree(temp, ignore_errors=True)
     except OSError as err:
         raise UserError(f"data.cache_dir={cache_dir}: cannot write the decoded-image cache there ({err})") from err
     return arrays
@@ -253,9 +266,10 @@ class CIFAR10DataModule(LightningDataModule):
         self.prepared = None  # the splits below are copies: let the arrays go
         self.classes = arrays.classes
         # The slides' pre-processing step: images come as B×H×W×C (height, width, colour last), nn.Conv2d wants
-        # B×C×H×W. torch.permute(0, 3, 1, 2) reorders the axes once, for the whole set; it stays uint8.
-        train_images = torch.from_numpy(arrays.train_images).permute(0, 3, 1, 2).contiguous()
-        test_images = torch.from_numpy(arrays.test_images).permute(0, 3, 1, 2).contiguous()
+        # B×C×H×W. torch.permute(0, 3, 1, 2) reorders the axes (a view), and index_select then copies each split
+        # out in the new order, for the whole set at once; the images stay uint8.
+        train_images = torch.from_numpy(arrays.train_images).permute(0, 3, 1, 2)
+        test_images = torch.from_numpy(arrays.test_images).permute(0, 3, 1, 2)
         train_labels, test_labels = torch.from_numpy(arrays.train_labels), torch.from_numpy(arrays.test_labels)
 
         val_size = self.hparams.val_size
@@ -264,9 +278,9 @@ class CIFAR10DataModule(LightningDataModule):
         order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
         val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
         self.splits = {
-            "train": (train_images[train_index], train_labels[train_index]),
-            "val": (train_images[val_index], train_labels[val_index]),
-            "test": (test_images, test_labels),
+            "train": (train_images.index_select(0, train_index), train_labels[train_index]),
+            "val": (train_images.index_select(0, val_index), train_labels[val_index]),
+            "test": (test_images.contiguous(), test_labels.clone()),
         }
         if self.hparams.on_device and self.trainer is not None:
             # The whole uint8 set (180 MB) moves to the model's device once, so a GPU gathers each batch itself:
