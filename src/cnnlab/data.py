@@ -243,7 +243,7 @@ class CIFAR10DataModule(LightningDataModule):
         crop_padding: int,
         mean: list[float],
         std: list[float],
-        on_device: bool = True,
+        on_device: bool,
     ):
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
