@@ -1,8 +1,12 @@
 """The entry points as a user runs them: separate processes, Hydra's own command line."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -88,3 +92,15 @@ def test_eval_needs_a_checkpoint(tmp_path):
     assert done.returncode == 1 and done.stderr.strip().endswith(
         "error: ckpt_path=<file> is required: the checkpoint to evaluate"
     )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a CUDA GPU gets")
+def test_gpu_benchmark_without_a_gpu_says_so_and_writes_nothing(tmp_path):
+    report = tmp_path / "gpu-bench.md"
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "unused-data", str(report)],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
+    assert not report.exists()
