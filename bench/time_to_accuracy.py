@@ -88,7 +88,8 @@ def measure(settings: list[str], data: str, workdir: Path) -> dict:
         f"hydra.run.dir={workdir / 'run'}", "+callbacks.tta._target_=bench.time_to_accuracy.TestAccuracyEachEpoch",
         f"+callbacks.tta.target={TARGET}", f"+callbacks.tta.record={record}",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The callback is bench.time_to_accuracy: the repo root goes first on the path, the rest is kept.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     launched = time.time()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
