@@ -3,8 +3,6 @@
 Pass the same model.* overrides as for training. The work is cnnlab.train.evaluate(cfg).
 """
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -14,12 +12,13 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers and the con
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from cnnlab import UserError
+    from cnnlab.sweep import job_failed
     from cnnlab.train import evaluate
 
     try:
         metrics = evaluate(cfg)
     except UserError as err:
-        sys.exit(f"error: {err}")
+        return job_failed(f"error: {err}", cfg.output_dir)
     print(f"test/acc={metrics['test/acc']:.4f} ckpt_path={metrics['ckpt_path']} run_dir={cfg.output_dir}")
 
 

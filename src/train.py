@@ -14,12 +14,17 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers and the con
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from cnnlab import UserError
+    from cnnlab.resume import Interrupted
+    from cnnlab.sweep import job_failed
     from cnnlab.train import train  # imported here so that --help does not wait for torch
 
     try:
         metrics = train(cfg)
     except UserError as err:
-        sys.exit(f"error: {err}")
+        return job_failed(f"error: {err}", cfg.output_dir)  # exits 1, or lets a sweep go on to its next job
+    except Interrupted as stop:  # Ctrl-C, SIGTERM: the checkpoint is written, say how to resume
+        print(stop.report(), file=sys.stderr)
+        sys.exit(stop.exit_status)
     best = "none" if metrics["val/acc_best"] is None else f"{metrics['val/acc_best']:.4f}"
     print(f"test/acc={metrics['test/acc']:.4f} val/acc_best={best} run_dir={cfg.output_dir}")
     return metrics["val/acc_best"]  # what a sweeper optimises

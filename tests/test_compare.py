@@ -68,7 +68,7 @@ def test_failed_jobs_are_listed_not_hidden(sweep):
     done = compare(sweep)
     assert done.returncode == 0, done.stderr
     report = (sweep / "report.md").read_text()
-    assert "3 finished jobs, 1 failed" in report and f"- {failed.name}" in report
+    assert "3 finished jobs, 1 did not finish" in report and f"- {failed.name}: unfinished" in report
     rows = {row[0]: row[1] for row in table_rows(report)}
     assert rows == {"optimizer=adam": "2", "optimizer=sgd_steplr": "1"}
 

@@ -2,23 +2,29 @@
 
 Each job is read from what the run itself wrote: its overrides (.hydra/overrides.yaml), its metrics.json and
 its TensorBoard events (through TensorBoard's own EventAccumulator). Jobs are grouped by the keys the sweep
-varied (seeds excepted), or by the keys given with `by=`.
+varied (seeds excepted), or by the keys given with `by=`. Jobs that failed (with their error line), stopped
+unfinished or never ran are listed from the sweep's own record of its jobs (cnnlab.sweep.jobs).
 """
 
 import json
-import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from cnnlab import UserError
+from cnnlab import UserError, write_atomically
+from cnnlab.sweep import jobs as sweep_jobs
 
 # The slides' test accuracy for each training option (a row of the report shows it where the group matches).
 SLIDES = {"optimizer=adam": ("Option 1", 0.7051), "optimizer=sgd_steplr": ("Option 2", 0.7016)}
 CURVES = {"val/acc": ("validation accuracy (%)", 100), "train/loss_epoch": ("training loss", 1)}  # title, scale
 REPORTED = ("test/acc", "val/acc_best", "epochs", "wall_s")
+NOT_GROUPED = ("seed", "ckpt_path", "outputs_root")  # what tells runs apart, not what they compare
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
 
 
 @dataclass
@@ -27,26 +33,25 @@ class Job:
     overrides: dict[str, str]
     metrics: dict | None  # None: the job did not finish
     curves: dict[str, list[float]] = field(default_factory=dict)
+    outcome: str = ""  # for a job that did not finish: its error line, "unfinished" or "never ran"
 
 
 def read_jobs(sweep: Path) -> list[Job]:
     if not (sweep / "multirun.yaml").is_file():
         raise UserError(f"{sweep} is not a multirun dir: it has no multirun.yaml (made by `train.py -m`)")
     jobs = []
-    for overrides_file in sorted(sweep.glob("*/.hydra/overrides.yaml"), key=job_number):
-        job_dir = overrides_file.parent.parent
-        overrides = dict(o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
-        metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        jobs.append(Job(job_dir.name, overrides, metrics, read_curves(job_dir) if metrics else {}))
+    for job in sweep_jobs(sweep):
+        if job.folder is None:
+            name = f"{job.number} ({' '.join(job.overrides)})"
+            jobs.append(Job(name, parse_overrides(job.overrides), None, {}, "never ran"))
+            continue
+        overrides = parse_overrides(yaml.safe_load((job.folder / ".hydra" / "overrides.yaml").read_text()) or [])
+        metrics = json.loads((job.folder / "metrics.json").read_text()) if job.state == "finished" else None
+        curves = read_curves(job.folder) if metrics else {}
+        jobs.append(Job(job.folder.name, overrides, metrics, curves, job.error or job.state))
     if not jobs:
         raise UserError(f"{sweep}: no job folders (<n>_<overrides>/.hydra/overrides.yaml) in this multirun")
     return jobs
-
-
-def job_number(path: Path) -> int:
-    name = path.parent.parent.name
-    return int(name.split("_", 1)[0]) if name.split("_", 1)[0].isdigit() else 1 << 30
 
 
 def read_curves(job_dir: Path) -> dict[str, list[float]]:
@@ -70,7 +75,7 @@ def group_keys(jobs: list[Job], by: list[str] | None) -> list[str]:
         if unknown:
             raise UserError(f"by={','.join(by)}: {unknown} was not overridden in this sweep; keys: {keys}")
         return by
-    varied = [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1 and key != "seed"]
+    varied = [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1 and key not in NOT_GROUPED]
     return varied
 
 
@@ -96,7 +101,8 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
     lines = [
         f"# {sweep.name}",
         "",
-        f"Grouped by {', '.join(keys) or 'nothing (one group)'}; {len(finished)} finished jobs, {len(failed)} failed.",
+        f"Grouped by {', '.join(keys) or 'nothing (one group)'}; {len(finished)} finished jobs, "
+        f"{len(failed)} did not finish.",
         "Accuracies in %, mean ± std over the runs of a group (std needs two runs); wall time per run.",
         "",
         "| group | runs | test acc | min – max | best val acc | epochs | wall s | slides |",
@@ -117,7 +123,8 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
         test, val = 100 * job.metrics["test/acc"], 100 * job.metrics["val/acc_best"]
         lines.append(f"| {job.name} | {test:.2f} | {val:.2f} | {job.metrics['epochs']} | {job.metrics['wall_s']:.0f} |")
     if failed:
-        lines += ["", "Failed jobs (no metrics.json):", ""] + [f"- {job.name}" for job in failed]
+        lines += ["", "Jobs that did not finish (no metrics.json):", ""]
+        lines += [f"- {job.name}: {job.outcome}" for job in failed]
     return "\n".join(lines) + "\n", groups
 
 
@@ -154,16 +161,6 @@ def plot_curves(groups: dict[str, list[Job]], path: Path) -> None:
     fig.tight_layout()
     write_atomically(path, lambda file: fig.savefig(file, format="png", dpi=110))
     plt.close(fig)
-
-
-def write_atomically(path: Path, write) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as file:
-            write(file)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def compare(sweep: str | Path, by: list[str] | None = None) -> str:

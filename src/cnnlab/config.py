@@ -1,20 +1,27 @@
-"""What Hydra needs before it composes conf/: run-dir resolvers and the typed schemas of our own groups.
+"""The config around Hydra: run-dir resolvers, the typed schemas of our own groups, the checks of values.
 
 The entry points (and the tests) import this module before composing; it registers everything on import and
 imports nothing heavy, so `python src/train.py --help` stays quick.
 
-- Resolvers `run_name` and `unique_dir` (conf/hydra/default.yaml): run dirs `<date>_<time>_<overrides>`,
-  readable and never shared by two runs.
+- Resolvers `run_name`, `unique_dir` and `run_dir` (conf/hydra/default.yaml): run dirs
+  `<date>_<time>_<overrides>`, readable and never shared by two runs; a resumed run continues in its own.
 - Schemas for conf/data and conf/model: a value of the wrong type (`data.batch_size=many`) gets Hydra's own
   error naming the key, before anything runs. The defaults stay in the YAML files: a schema only types them.
+- `OutputDirCheck`: a Hydra callback that refuses, in one line, a run or sweep dir that cannot be written
+  (Hydra itself would stop with a traceback).
+- `check(cfg)`: the values a type cannot rule out (a negative learning rate, an unknown Trainer option, a GPU
+  asked for where there is none), refused right after composing, before any data is read or model built.
 """
 
 import re
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 MAX_SUMMARY = 80
 
@@ -38,10 +45,28 @@ def unique_dir(path: str) -> str:
             candidate = Path(f"{path}-{n}")
 
 
+def run_dir(new_dir: str, ckpt_path: str | None, outputs_root: str) -> str:
+    """A resumed run continues in the run dir that holds its checkpoint (<run dir>/checkpoints/*.ckpt): one log,
+    one TensorBoard run, and its ModelCheckpoint keeps its record of the best checkpoint. Any other run, or a
+    checkpoint kept outside a run dir, gets `new_dir` (claimed with unique_dir)."""
+    if ckpt_path is not None:
+        from cnnlab import UserError
+        from cnnlab.resume import find_checkpoint, run_dir_of
+
+        try:
+            held_by = run_dir_of(find_checkpoint(str(ckpt_path), outputs_root))
+        except UserError:
+            held_by = None  # train() says what is wrong with ckpt_path, in the new run's log
+        if held_by is not None:
+            return str(held_by)
+    return unique_dir(new_dir)
+
+
 # use_cache: Hydra resolves the run dir more than once (and copies the cache into each multirun job); each
 # resolution must give the folder claimed the first time.
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("run_dir", run_dir, use_cache=True, replace=True)
 
 
 @dataclass
@@ -80,3 +105,97 @@ class ModelSchema:  # cnnlab.model.SlideCNN
 
 ConfigStore.instance().store(group="schema", name="data", node=DataSchema)
 ConfigStore.instance().store(group="schema", name="model", node=ModelSchema)
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def writable_dir(path: str | Path) -> str | None:
+    """None if `path` is (or can be made) a folder we can write files into, else why not."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return None
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+class OutputDirCheck(Callback):
+    """Before Hydra creates the run dir (or the sweep dir): one line and exit 1 if it cannot be written."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self.check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def check(config: DictConfig, key: str) -> None:
+        try:
+            folder = OmegaConf.select(config, key)
+            problem = writable_dir(folder)
+        except Exception as err:  # our resolvers create the folder while Hydra resolves the key
+            folder, problem = None, str(err.__cause__ or err).splitlines()[0]
+        if problem:
+            where = f"{key}={folder}" if folder else key
+            sys.exit(f"error: {where}: cannot write the run's outputs there ({problem}); "
+                     f"choose another folder with {key}=... or outputs_root=...")  # fmt: skip
+
+
+def check(cfg: DictConfig) -> None:
+    """Refuse values that cannot work, naming the key, the value and the fix (a UserError, one line)."""
+    from cnnlab import UserError
+
+    def refuse(message: str):
+        raise UserError(message)
+
+    seed = cfg.get("seed")
+    if "seed" in cfg and (not isinstance(seed, int) or isinstance(seed, bool)):
+        refuse(f"seed={seed!r} is not an integer: use e.g. seed=0")
+    if cfg.get("data") is not None:
+        data = cfg.data
+        for key in ("batch_size", "eval_batch_size"):
+            if data[key] < 1:
+                refuse(f"data.{key}={data[key]} must be ≥ 1")
+        if data.val_size < 1:
+            refuse(f"data.val_size={data.val_size} must be ≥ 1 (images held out of the training set for validation)")
+        if not data.download and not Path(data.root).expanduser().exists():
+            refuse(f"data.root={data.root}: no such file or folder (and data.download=false): point it at CIFAR-10")
+    if cfg.get("model") is not None:
+        if not 0 <= cfg.model.dropout < 1:
+            refuse(f"model.dropout={cfg.model.dropout} must be in [0, 1): the probability of zeroing an activation")
+        if cfg.model.num_classes < 1:
+            refuse(f"model.num_classes={cfg.model.num_classes} must be ≥ 1")
+    lr = (cfg.get("optimizer") or {}).get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0):
+        refuse(f"optimizer.lr={lr!r} must be a number ≥ 0, e.g. optimizer.lr=0.001")
+    if cfg.get("trainer") is not None:
+        check_trainer(cfg.trainer, refuse)
+    if cfg.get("output_dir") is not None and (problem := writable_dir(cfg.output_dir)):
+        refuse(f"output_dir={cfg.output_dir}: cannot write the run's outputs there ({problem})")
+
+
+def check_trainer(trainer: DictConfig, refuse) -> None:
+    import inspect
+    import typing
+
+    import torch
+    from lightning import Trainer
+    from lightning.fabric.connector import _PRECISION_INPUT
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    options = set(inspect.signature(Trainer).parameters)
+    unknown = sorted(set(trainer) - options - {"_target_"})
+    if unknown:
+        refuse(f"trainer.{unknown[0]} is not an option of lightning.Trainer; its options: {', '.join(sorted(options))}")
+    accelerator = trainer.get("accelerator", "auto")
+    names = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+    if isinstance(accelerator, str) and accelerator not in names:
+        refuse(f"trainer.accelerator={accelerator} is not an accelerator: use one of {', '.join(names)}")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        refuse(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can use; "
+               f"use trainer.accelerator=cpu (or auto)")  # fmt: skip
+    allowed = [value for part in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(part)]
+    if trainer.get("precision") is not None and trainer.precision not in allowed:
+        names = ", ".join(str(value) for value in allowed if isinstance(value, str) and "-" in value)
+        refuse(f"trainer.precision={trainer.precision} is not a precision: use one of {names}")

@@ -21,6 +21,7 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from math import ceil
 from pathlib import Path
@@ -130,11 +131,11 @@ def decode_image_tree(source: Path) -> CifarArrays:
             try:
                 with Image.open(io.BytesIO(data)) as image:
                     pixels = np.asarray(image.convert("RGB"))  # H×W×C, as torchvision's CIFAR10.data
-            except OSError as err:
+            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError… for a damaged file
                 raise UserError(f"data.root={source}: cannot decode image {name}: {err}") from err
             found[split].append((label, name, pixels))
-    except (OSError, tarfile.TarError, zipfile.BadZipFile) as err:
-        raise UserError(f"data.root={source}: cannot read it ({err})") from err
+    except (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as err:  # truncated, corrupt
+        raise UserError(f"data.root={source}: cannot read it, truncated or damaged? ({err})") from err
 
     if not found["train"] or not found["test"]:
         raise UserError(
@@ -195,10 +196,17 @@ def load_image_tree_cached(source: Path, cache_dir: Path) -> CifarArrays:
 
 
 class TensorBatches:
-    """Batches as slices of tensors already in memory: one random permutation per epoch, no per-sample work."""
+    """Batches as slices of tensors already in memory: one random permutation per epoch, no per-sample work.
+
+    Its state (the epoch's permutation and how many batches it has served) goes into Lightning's checkpoints, so
+    a run stopped mid-epoch resumes at the next batch of the same permutation (cnnlab.resume).
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
+        self.order: torch.Tensor | None = None  # the current epoch's order of the images
+        self.served = 0  # batches of it served so far
+        self.resume_from: tuple[torch.Tensor, int] | None = None
 
     def __len__(self) -> int:
         return ceil(len(self.labels) / self.batch_size)
@@ -206,10 +214,31 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         device = self.images.device  # on the data's device: a GPU-resident set is indexed on the GPU
-        order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)  # seeded
-        for start in range(0, n, self.batch_size):
-            index = order[start : start + self.batch_size]
+        if self.resume_from is not None:
+            order, self.served = self.resume_from
+            self.order, self.resume_from = order.to(device), None
+        else:  # seeded: drawn from torch's generator, whose state the checkpoints keep
+            self.order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
+            self.served = 0
+        while self.served < len(self):
+            index = self.order[self.served * self.batch_size : (self.served + 1) * self.batch_size]
+            self.served += 1
             yield self.images[index], self.labels[index]
+
+    def state_dict(self) -> dict:
+        order = self.order.cpu() if self.order is not None else torch.empty(0, dtype=torch.int64)
+        return {"order": order, "served": self.served, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume mid-epoch; an epoch that was served to its end starts a new one as usual."""
+        if 0 < state["served"] < len(self):
+            if (len(state["order"]), state["batch_size"]) != (len(self.labels), self.batch_size):
+                raise UserError(
+                    f"the checkpoint was taken mid-epoch with {len(state['order'])} training images in batches of "
+                    f"{state['batch_size']}, this run has {len(self.labels)} in batches of {self.batch_size}: resume "
+                    f"with the same data.root, data.val_size and data.batch_size"
+                )
+            self.resume_from = (state["order"], state["served"])
 
 
 def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
@@ -246,8 +275,6 @@ class CIFAR10DataModule(LightningDataModule):
         on_device: bool,
     ):
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1:
-            raise UserError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be ≥ 1")
         self.save_hyperparameters(logger=False)
         self.classes: list[str] = []
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

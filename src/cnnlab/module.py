@@ -9,6 +9,8 @@ from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from cnnlab import UserError
+
 
 class LitClassifier(LightningModule):
     """Cross-entropy on logits, accuracy from torchmetrics (validation, test), metrics logged as `stage/metric`.
@@ -43,6 +45,14 @@ class LitClassifier(LightningModule):
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
         # Lets Lightning's model summary show each layer's input and output sizes at start-up.
         self.example_input_array = torch.zeros(1, *getattr(net, "input_shape", (3, 32, 32)))
+
+    def setup(self, stage: str) -> None:
+        classes = getattr(self.trainer.datamodule, "classes", None) or []
+        if len(classes) > self.hparams.num_classes:
+            raise UserError(
+                f"the data has {len(classes)} classes, model.num_classes={self.hparams.num_classes}: "
+                f"set model.num_classes={len(classes)}"
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -90,15 +100,23 @@ class LitClassifier(LightningModule):
         self.test_confusion.reset()
 
     def on_train_epoch_start(self) -> None:
-        self.train_sums, self.train_images = torch.zeros(2, device=self.device), 0
+        # Zero at a fresh epoch (reset when the last one ended); a run resumed mid-epoch goes on from its checkpoint's.
+        self.train_sums = self.train_sums.to(self.device)
 
     def on_train_epoch_end(self) -> None:
-        if self.train_images == 0:
-            return
-        sums = torch.cat((self.train_sums, self.train_sums.new_tensor([self.train_images])))
-        loss_sum, correct, images = self.trainer.strategy.reduce(sums, reduce_op="sum")  # summed over processes
-        self.log("train/loss_epoch", loss_sum / images)
-        self.log("train/acc", correct / images)
+        if self.train_images > 0:
+            sums = torch.cat((self.train_sums, self.train_sums.new_tensor([self.train_images])))
+            loss_sum, correct, images = self.trainer.strategy.reduce(sums, reduce_op="sum")  # summed over processes
+            self.log("train/loss_epoch", loss_sum / images)
+            self.log("train/acc", correct / images)
+        self.train_sums, self.train_images = torch.zeros(2, device=self.device), 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["train_sums"] = {"sums": self.train_sums.cpu(), "images": self.train_images}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "train_sums" in checkpoint:
+            self.train_sums, self.train_images = checkpoint["train_sums"]["sums"], checkpoint["train_sums"]["images"]
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # the check before training is not an epoch

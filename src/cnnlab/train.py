@@ -3,16 +3,17 @@
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import UserError
+from cnnlab import UserError, resume, write_atomically
+from cnnlab.config import check
 from cnnlab.module import LitClassifier
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def make(node: DictConfig, **kwargs):
         raise
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LitClassifier, L.Trainer]:
+def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDataModule, LitClassifier, L.Trainer]:
     """Data · model · module · Trainer, each from its config group."""
     datamodule = make(cfg.data, _convert_="all")  # plain lists: checkpoints load with weights_only
     net = make(cfg.model)
@@ -42,12 +43,19 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LitClassifier, L.Trai
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         num_classes=cfg.model.num_classes,
     )
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(hyperparameters(cfg))  # hparams.yaml beside the events
     return datamodule, module, trainer
+
+
+def make_logger(node: DictConfig, resuming: dict | None):
+    if resuming is not None and node._target_.endswith("TensorBoardLogger"):
+        # TensorBoard hides what an earlier start logged from this step on: one curve, no step shown twice.
+        return make(node, purge_step=resuming["global_step"])
+    return make(node)
 
 
 def hyperparameters(cfg: DictConfig) -> dict:
@@ -58,31 +66,38 @@ def hyperparameters(cfg: DictConfig) -> dict:
     }
 
 
-def checkpoint_path(path: str | None) -> str | None:
-    if path is not None and not Path(path).is_file():
-        raise UserError(f"ckpt_path={path}: no such checkpoint file")
-    return path
-
-
 def train(cfg: DictConfig) -> dict:
-    """Fit, test the best checkpoint, write metrics.json into the run dir and return the metrics."""
-    start = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)  # an integer seed is applied, 0 included
-    resume_from = checkpoint_path(cfg.get("ckpt_path"))
-    datamodule, module, trainer = build(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    """Fit, test the best checkpoint, write metrics.json into the run dir and return the metrics.
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if not best:
-        log.warning("no best checkpoint was saved (fast_dev_run?): testing the weights as they are")
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True)[0]
+    With `ckpt_path`, training resumes exactly where that checkpoint left it (cnnlab/resume.py)."""
+    start = time.perf_counter()
+    check(cfg)
+    resume_from, checkpoint = None, None
+    if cfg.get("ckpt_path") is not None:
+        resume_from = resume.find_checkpoint(str(cfg.ckpt_path), cfg.outputs_root)
+        checkpoint = resume.load_checkpoint(resume_from)
+        log.info(f"resuming from {resume_from} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}) "
+                 f"in {cfg.output_dir}")  # fmt: skip
+    L.seed_everything(cfg.seed, workers=True)  # an integer seed is applied, 0 included
+    datamodule, module, trainer = build(cfg, resuming=checkpoint)
+    if checkpoint is not None:
+        resume.check_shapes(module, checkpoint, resume_from)
+    guard = next((c for c in trainer.callbacks if isinstance(c, resume.RunGuard)), None)
+    with guard.handling_signals() if guard else nullcontext():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("no best checkpoint was saved (fast_dev_run?): testing the weights as they are")
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True, weights_only=True)
     metrics = {
-        "test/acc": tested["test/acc"],
-        "test/loss": tested["test/loss"],
+        "test/acc": tested[0]["test/acc"],
+        "test/loss": tested[0]["test/loss"],
         "val/acc_best": best_val_acc(module),
         "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
         "seed": cfg.seed,
         "best_checkpoint": best or None,
+        "resumed_from": str(resume_from) if resume_from else None,
         "wall_s": round(time.perf_counter() - start, 1),
         "run_dir": cfg.output_dir,
     }
@@ -97,21 +112,17 @@ def evaluate(cfg: DictConfig) -> dict:
     """Test a saved checkpoint (cfg.ckpt_path) on the test set and write metrics.json."""
     if cfg.get("ckpt_path") is None:
         raise UserError("ckpt_path=<file> is required: the checkpoint to evaluate")
-    path = checkpoint_path(cfg.ckpt_path)
+    check(cfg)
+    path = resume.find_checkpoint(str(cfg.ckpt_path), cfg.outputs_root)
+    checkpoint = resume.load_checkpoint(path)
     datamodule, module, trainer = build(cfg)
-    weights = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as err:
-        raise UserError(
-            f"ckpt_path={path} was trained with another model: pass the same model.* overrides as for training "
-            f"({str(err).splitlines()[0]})"
-        ) from err
+    resume.check_shapes(module, checkpoint, path)
+    module.load_state_dict(checkpoint["state_dict"])
     tested = trainer.test(module, datamodule=datamodule, verbose=True)[0]
     metrics = {
         "test/acc": tested["test/acc"],
         "test/loss": tested["test/loss"],
-        "ckpt_path": path,
+        "ckpt_path": str(path),
         "run_dir": cfg.output_dir,
     }
     return write_metrics(metrics, cfg.output_dir)
@@ -123,7 +134,8 @@ def best_val_acc(module: LitClassifier) -> float | None:
 
 
 def write_metrics(metrics: dict, output_dir: str) -> dict:
+    """metrics.json, written to a temp file and renamed: a reader never sees half of it."""
     path = Path(output_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomically(path, (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics

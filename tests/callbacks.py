@@ -1,0 +1,22 @@
+"""Callbacks that tests add to a real `src/train.py` process (`+callbacks.<name>._target_=tests.callbacks...`)."""
+
+import time
+from pathlib import Path
+
+from lightning import Callback
+
+
+class PauseAt(Callback):
+    """Before training step `step`: create `marker`, then wait (up to a minute) until the test deletes it, so that
+    the test can send a signal at a known point of the run."""
+
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        self.marker.touch()
+        deadline = time.monotonic() + 60
+        while self.marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -1,0 +1,180 @@
+"""Trust a run: a run stopped by a signal, or killed, resumes to the same result as one never stopped.
+
+The runs that are stopped are real `src/train.py` processes; tests.callbacks.PauseAt holds one at a known
+training step until the signal is sent. The tiny data has 60 training images in batches of 16: 4 steps an epoch.
+"""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cnnlab import UserError
+from cnnlab.train import train
+from tests.conftest import ROOT, compose_config
+
+STEPS_PER_EPOCH = 4
+# SGD + StepLR (the scheduler's position matters), 3 epochs, deterministic algorithms.
+SETTINGS = ["optimizer=sgd_steplr", "scheduler.step_size=1", "trainer.max_epochs=3", "trainer.deterministic=true"]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def results(metrics: dict) -> dict:
+    """metrics.json without what names the run or times it."""
+    return {k: v for k, v in metrics.items() if k not in ("best_checkpoint", "resumed_from", "wall_s", "run_dir")}
+
+
+@pytest.fixture
+def reference(tiny_overrides, tmp_path) -> tuple[dict, Path]:
+    """The same run, never stopped."""
+    run = tmp_path / "reference"
+    return train(compose_config("train", [*tiny_overrides, *SETTINGS, f"output_dir={run}"])), run
+
+
+def start_paused(tiny_overrides: list[str], run: Path, step: int) -> tuple[subprocess.Popen, Path]:
+    """A train.py process held before training step `step` (marker file present while it waits)."""
+    marker = run.parent / f"paused-{run.name}"
+    overrides = [o for o in tiny_overrides if not o.startswith("output_dir=")]
+    args = [*overrides, *SETTINGS, f"hydra.run.dir={run}",
+            "+callbacks.pause._target_=tests.callbacks.PauseAt", f"+callbacks.pause.step={step}",
+            f"+callbacks.pause.marker={marker}"]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "src" / "train.py"), *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never reached the step"
+        time.sleep(0.05)
+    return process, marker
+
+
+def stop(process: subprocess.Popen, marker: Path, signum: int) -> tuple[int, str]:
+    process.send_signal(signum)
+    time.sleep(0.2)
+    marker.unlink(missing_ok=True)  # let the paused step run
+    _, stderr = process.communicate(timeout=120)
+    return process.returncode, stderr
+
+
+def run_command(line: str) -> subprocess.CompletedProcess:
+    """Run a printed `python src/train.py ...` command line, as a user would paste it."""
+    args = shlex.split(line)
+    assert args[0] == "python"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the stopped run used tests.callbacks.PauseAt
+    return subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_killed_during_epoch_2_resumes_to_bit_identical_weights_and_metrics(tiny_overrides, tmp_path, reference):
+    ref_metrics, ref_run = reference
+    run = tmp_path / "outputs" / "killed"
+    process, marker = start_paused(tiny_overrides, run, step=STEPS_PER_EPOCH + 2)  # in the second epoch
+    process.kill()  # SIGKILL: nothing runs after it; last.ckpt is the one of the first epoch's end
+    process.communicate(timeout=60)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS_PER_EPOCH
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "ckpt_path=last", f"outputs_root={tmp_path / 'outputs'}",
+         *[o for o in tiny_overrides if not o.startswith("output_dir=")], *SETTINGS],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith(f"run_dir={run}")  # continued in the killed run's dir
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert resumed["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    assert results(resumed) == results(ref_metrics)  # test/acc, test/loss, val/acc_best, epochs, global_step
+    assert all(torch.equal(weights(run)[k], w) for k, w in weights(ref_run).items())
+    # Training went on from the checkpoint: one validation point per epoch, at the same steps as the reference.
+    assert scalars(run, "val/acc") == scalars(ref_run, "val/acc")
+    assert [step for step, _ in scalars(run, "val/acc")] == [3, 7, 11]
+    # The best checkpoint is still the best (a resume that forgot it would take its first epoch as the best).
+    assert Path(resumed["best_checkpoint"]).parent == run / "checkpoints"
+    assert Path(resumed["best_checkpoint"]).name == Path(ref_metrics["best_checkpoint"]).name
+
+
+def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_at_the_next_batch(tiny_overrides, tmp_path, reference):
+    ref_metrics, ref_run = reference
+    run = tmp_path / "terminated"
+    process, marker = start_paused(tiny_overrides, run, step=STEPS_PER_EPOCH + 1)  # the 2nd batch of epoch 2
+    status, stderr = stop(process, marker, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"stopped by SIGTERM at epoch 1, step {STEPS_PER_EPOCH + 2}; resume with: python ")
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == STEPS_PER_EPOCH + 2  # the step it was in finished, then it stopped
+    (batches,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the iterator's place
+    assert batches["served"] == 2 and len(batches["order"]) == 60
+
+    resumed = run_command(line.split("resume with: ", 1)[1])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert results(metrics) == results(ref_metrics)
+    assert all(torch.equal(weights(run)[k], w) for k, w in weights(ref_run).items())
+    assert scalars(run, "val/acc") == scalars(ref_run, "val/acc")
+    # The epoch that was cut in two still logs its loss over all of its images.
+    assert scalars(run, "train/loss_epoch") == scalars(ref_run, "train/loss_epoch")
+
+
+def test_ctrl_c_writes_a_checkpoint_and_exits_130(tiny_overrides, tmp_path):
+    run = tmp_path / "interrupted"
+    process, marker = start_paused(tiny_overrides, run, step=1)
+    status, stderr = stop(process, marker, signal.SIGINT)
+    assert status == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("stopped by SIGINT at epoch 0, step 2; resume with: python ")
+    assert line.endswith(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert scalars(run, "train/loss_step")  # the loggers were flushed before the exit
+    assert not (run / "metrics.json").exists()
+
+
+def test_a_diverging_learning_rate_stops_before_the_step_with_the_last_finite_weights(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"the training loss is (nan|inf) at epoch \d+, step \d+ .*optimizer.lr") as err:
+        train(compose_config("train", [*tiny_overrides, "optimizer=sgd_steplr", "optimizer.lr=1e12"]))
+    step = int(str(err.value).split("step ")[1].split(" ")[0])
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == step
+    assert all(torch.isfinite(w).all() for name, w in checkpoint["state_dict"].items() if name.startswith("net."))
+    assert not (run / "metrics.json").exists()
+
+
+def test_ckpt_path_last_without_any_run_is_a_clear_error(tiny_overrides, tmp_path):
+    cfg = compose_config("train", [*tiny_overrides, "ckpt_path=last", f"outputs_root={tmp_path / 'empty'}"])
+    with pytest.raises(UserError, match="ckpt_path=last: no last.ckpt under .*empty/"):
+        train(cfg)
+
+
+def test_same_seed_twice_gives_the_same_metrics_and_weights(tiny_overrides, tmp_path, reference):
+    ref_metrics, ref_run = reference
+    again = train(compose_config("train", [*tiny_overrides, *SETTINGS, f"output_dir={tmp_path / 'again'}"]))
+    assert results(again) == results(ref_metrics)
+    assert all(torch.equal(weights(tmp_path / "again")[k], w) for k, w in weights(ref_run).items())
+
+
+def test_every_checkpoint_loads_with_weights_only(reference):
+    _, run = reference
+    for path in sorted((run / "checkpoints").glob("*.ckpt")):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+        torch.load(path, weights_only=True)
