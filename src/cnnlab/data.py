@@ -16,6 +16,7 @@ model's device.
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -30,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from cnnlab import UserError
@@ -132,10 +133,12 @@ def decode_image_tree(source: Path) -> CifarArrays:
                 with Image.open(io.BytesIO(data)) as image:
                     pixels = np.asarray(image.convert("RGB"))  # H×W×C, as torchvision's CIFAR10.data
             except Exception as err:  # PIL raises OSError, SyntaxError, ValueError… for a damaged file
-                raise UserError(f"data.root={source}: cannot decode image {name}: {err}") from err
+                reason = "not an image PIL can identify" if isinstance(err, UnidentifiedImageError) else err
+                raise UserError(f"data.root={source}: cannot decode image {name}: {reason}") from err
             found[split].append((label, name, pixels))
     except (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as err:  # truncated, corrupt
-        raise UserError(f"data.root={source}: cannot read it, truncated or damaged? ({err})") from err
+        reason = " ".join(str(err).split())  # tarfile's reasons come one per line
+        raise UserError(f"data.root={source}: cannot read it, truncated or damaged? ({reason})") from err
 
     if not found["train"] or not found["test"]:
         raise UserError(
@@ -162,7 +165,9 @@ def load_image_tree_cached(source: Path, cache_dir: Path) -> CifarArrays:
     """Decode `source` once; later calls map the cache into memory, which costs nothing until it is read.
 
     The cache is a folder of .npy files keyed by the source's path, size and modification time, written into a
-    temp folder that is then renamed into place: it is never seen half-written."""
+    temp folder that is then renamed into place: it is never seen half-written. Two processes that build it at
+    once both succeed (the second rename finds the first one's cache and keeps it); the temp folder of a build
+    that was killed is named by its process id, and the next build removes it."""
     stat = source.stat()
     key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cache = cache_dir / f"cifar10-{key}"
@@ -175,7 +180,8 @@ def load_image_tree_cached(source: Path, cache_dir: Path) -> CifarArrays:
     arrays = decode_image_tree(source)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        temp = Path(tempfile.mkdtemp(prefix=f"{cache.name}.", suffix=".tmp", dir=cache_dir))
+        remove_abandoned(cache_dir.glob(f"{cache.name}.*.tmp"))
+        temp = Path(tempfile.mkdtemp(prefix=f"{cache.name}.{os.getpid()}.", suffix=".tmp", dir=cache_dir))
         try:
             for field in CifarArrays._fields[:4]:
                 np.save(temp / f"{field}.npy", getattr(arrays, field))
@@ -190,6 +196,18 @@ def load_image_tree_cached(source: Path, cache_dir: Path) -> CifarArrays:
     except OSError as err:
         raise UserError(f"data.cache_dir={cache_dir}: cannot write the decoded-image cache there ({err})") from err
     return arrays
+
+
+def remove_abandoned(temp_folders) -> None:
+    """Delete the temp folders of cache builds whose process is gone (killed mid-build)."""
+    for folder in temp_folders:
+        pid = folder.name.split(".")[1]
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not one of ours, or another user's live process
 
 
 # ------------------------------------------------------------------------------------------ batching
