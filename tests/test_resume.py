@@ -18,6 +18,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnlab import UserError
+from cnnlab.resume import AtomicCheckpointIO
 from cnnlab.train import train
 from tests.conftest import ROOT, compose_config
 
@@ -178,3 +179,19 @@ def test_every_checkpoint_loads_with_weights_only(reference):
     for path in sorted((run / "checkpoints").glob("*.ckpt")):
         assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
         torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_save_that_dies_half_way_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+
+    def dies_half_way(obj, file):
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"global_step": 1}
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left

@@ -11,7 +11,8 @@ position through its state_dict (cnnlab.data.TensorBatches). What it leaves to u
 - `ckpt_path=last`: `find_checkpoint` takes the newest last.ckpt under the outputs folder;
 - a resumed run continues in the run dir that holds its checkpoint (`run_dir_of`, used by config.run_dir, Hydra's
   run-dir resolver), so its ModelCheckpoint keeps its record of the best checkpoint and TensorBoard shows one run.
-Lightning already writes checkpoints atomically (to a temp file, then moved into place).
+- checkpoints written atomically: `AtomicCheckpointIO` writes beside the final name and renames (Lightning
+  writes into the system's temp folder and moves the file, a copy when that is another file system).
 """
 
 import logging
@@ -26,8 +27,9 @@ import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
 
-from cnnlab import UserError
+from cnnlab import UserError, write_atomically
 
 log = logging.getLogger(__name__)
 LAST = "last.ckpt"
@@ -53,6 +55,15 @@ class Interrupted(BaseException):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """A checkpoint is written to a temp file beside its name, then renamed over it: a run killed while saving
+    leaves the previous last.ckpt whole."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda file: torch.save(checkpoint, file))
 
 
 def find_checkpoint(ckpt_path: str, outputs_root: str | Path) -> Path:
@@ -109,6 +120,27 @@ def check_shapes(module: LightningModule, checkpoint: dict, path: Path) -> None:
             f"ckpt_path={path} was trained with another model ({detail}): pass the model.* overrides it was "
             f"trained with"
         )
+
+
+def best_checkpoint(trainer: Trainer, resumed: dict | None) -> str:
+    """The best checkpoint on the monitored metric, "" if none was saved.
+
+    A run resumed in another folder (its checkpoint was kept outside a run dir) starts its ModelCheckpoint's
+    ranking afresh: Lightning keeps the record only when the folder is the same. The best checkpoint that the
+    resumed-from checkpoint names still counts then, if its file is there and its score is at least as good."""
+    callback = trainer.checkpoint_callback
+    if not isinstance(callback, ModelCheckpoint):
+        return ""
+    best = callback.best_model_path
+    earlier = (resumed or {}).get("callbacks", {}).get(callback.state_key, {})
+    path, score = earlier.get("best_model_path"), earlier.get("best_model_score")
+    if earlier.get("dirpath") == callback.dirpath or score is None or not path or not Path(path).is_file():
+        return best
+    current = callback.best_model_score
+    improved = current is not None and bool(current > score if callback.mode == "max" else current < score)
+    if not improved:
+        log.info(f"the best checkpoint is still {path}, from before the resume ({callback.monitor}={float(score):.4f})")
+    return best if improved else path
 
 
 def resume_command(checkpoint: Path) -> str:

@@ -45,7 +45,9 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
     )
     loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values()]
     callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[resume.AtomicCheckpointIO()]
+    )
     for logger in loggers:
         logger.log_hyperparams(hyperparameters(cfg))  # hparams.yaml beside the events
     return datamodule, module, trainer
@@ -85,7 +87,7 @@ def train(cfg: DictConfig) -> dict:
     guard = next((c for c in trainer.callbacks if isinstance(c, resume.RunGuard)), None)
     with guard.handling_signals() if guard else nullcontext():
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = resume.best_checkpoint(trainer, checkpoint)
         if not best:
             log.warning("no best checkpoint was saved (fast_dev_run?): testing the weights as they are")
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True, weights_only=True)
