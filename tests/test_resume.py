@@ -195,3 +195,15 @@ def test_a_checkpoint_save_that_dies_half_way_leaves_the_previous_file_whole(tmp
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"global_step": 1}
     assert list(tmp_path.iterdir()) == [path]  # no temp file left
+
+
+def test_an_epoch_ended_early_by_limit_train_batches_resumes_with_a_new_permutation(tiny_overrides, tmp_path):
+    # 3 of the 4 batches an epoch: the checkpoint at the epoch's end has served 3 batches of its permutation,
+    # and the next epoch must still draw a new one, as the run never stopped does.
+    settings = [*SETTINGS, "trainer.limit_train_batches=3"]
+    train(compose_config("train", [*tiny_overrides, *settings, f"output_dir={tmp_path / 'reference'}"]))
+    run = tmp_path / "stopped"
+    train(compose_config("train", [*tiny_overrides, *settings, "trainer.max_epochs=1", f"output_dir={run}"]))
+    last = run / "checkpoints" / "last.ckpt"
+    train(compose_config("train", [*tiny_overrides, *settings, f"output_dir={run}", f"ckpt_path={last}"]))
+    assert all(torch.equal(weights(run)[k], w) for k, w in weights(tmp_path / "reference").items())

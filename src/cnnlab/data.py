@@ -216,15 +216,22 @@ def remove_abandoned(temp_folders) -> None:
 class TensorBatches:
     """Batches as slices of tensors already in memory: one random permutation per epoch, no per-sample work.
 
-    Its state (the epoch's permutation and how many batches it has served) goes into Lightning's checkpoints, so
+    Its state (the epoch, its permutation, how many batches were served) goes into Lightning's checkpoints, so
     a run stopped mid-epoch resumes at the next batch of the same permutation (cnnlab.resume).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
-        self.order: torch.Tensor | None = None  # the current epoch's order of the images
+        # Lightning reads a loader's `sampler` / `batch_sampler` as it would a DataLoader's, and calls
+        # `sampler.set_epoch(n)` before each epoch (as for a DistributedSampler): so the batches know their epoch.
+        self.sampler, self.batch_sampler = self, None
+        self.epoch = 0
+        self.order: torch.Tensor | None = None  # the epoch's order of the images
         self.served = 0  # batches of it served so far
-        self.resume_from: tuple[torch.Tensor, int] | None = None
+        self.resume_from: dict | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return ceil(len(self.labels) / self.batch_size)
@@ -232,9 +239,9 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         device = self.images.device  # on the data's device: a GPU-resident set is indexed on the GPU
-        if self.resume_from is not None:
-            order, self.served = self.resume_from
-            self.order, self.resume_from = order.to(device), None
+        resume, self.resume_from = self.resume_from, None
+        if resume is not None and resume["epoch"] == self.epoch:  # the epoch the checkpoint was taken in
+            self.order, self.served = resume["order"].to(device), resume["served"]
         else:  # seeded: drawn from torch's generator, whose state the checkpoints keep
             self.order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
             self.served = 0
@@ -245,10 +252,11 @@ class TensorBatches:
 
     def state_dict(self) -> dict:
         order = self.order.cpu() if self.order is not None else torch.empty(0, dtype=torch.int64)
-        return {"order": order, "served": self.served, "batch_size": self.batch_size}
+        return {"epoch": self.epoch, "order": order, "served": self.served, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume mid-epoch; an epoch that was served to its end starts a new one as usual."""
+        """Resume mid-epoch: used by the next epoch only if it is the checkpoint's own (Lightning may have ended
+        that one early, with limit_train_batches)."""
         if 0 < state["served"] < len(self):
             if (len(state["order"]), state["batch_size"]) != (len(self.labels), self.batch_size):
                 raise UserError(
@@ -256,7 +264,7 @@ class TensorBatches:
                     f"{state['batch_size']}, this run has {len(self.labels)} in batches of {self.batch_size}: resume "
                     f"with the same data.root, data.val_size and data.batch_size"
                 )
-            self.resume_from = (state["order"], state["served"])
+            self.resume_from = state
 
 
 def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
