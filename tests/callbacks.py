@@ -20,3 +20,14 @@ class PauseAt(Callback):
         deadline = time.monotonic() + 60
         while self.marker.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+class CrashAt(Callback):
+    """Raise before training step `step`, as a crash would stop the run there."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash before step {self.step}")

@@ -207,3 +207,16 @@ def test_an_epoch_ended_early_by_limit_train_batches_resumes_with_a_new_permutat
     last = run / "checkpoints" / "last.ckpt"
     train(compose_config("train", [*tiny_overrides, *settings, f"output_dir={run}", f"ckpt_path={last}"]))
     assert all(torch.equal(weights(run)[k], w) for k, w in weights(tmp_path / "reference").items())
+
+
+def test_a_checkpoint_every_n_train_steps_resumes_mid_epoch(tiny_overrides, tmp_path, reference):
+    _, ref_run = reference
+    run = tmp_path / "crashed"
+    every_6 = ["callbacks.last_checkpoint.every_n_train_steps=6"]  # mid-epoch 2 (4 steps an epoch)
+    crash = ["+callbacks.crash._target_=tests.callbacks.CrashAt", "+callbacks.crash.step=7"]
+    with pytest.raises(RuntimeError, match="crash before step 7"):
+        train(compose_config("train", [*tiny_overrides, *SETTINGS, *every_6, *crash, f"output_dir={run}"]))
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    train(compose_config("train", [*tiny_overrides, *SETTINGS, *every_6, f"output_dir={run}", f"ckpt_path={last}"]))
+    assert all(torch.equal(weights(run)[k], w) for k, w in weights(ref_run).items())
