@@ -18,10 +18,10 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,export]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install cnnlab (editable) with the dev tools
+install: $(VENV)/.installed  ## create .venv and install cnnlab (editable) with the dev tools and the export extra
 
 train: $(VENV)/.installed  ## train once: make train ARGS="optimizer=sgd_steplr trainer.max_epochs=5"
 	$(BIN)/python src/train.py $(ARGS)

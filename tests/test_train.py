@@ -109,11 +109,20 @@ def test_a_run_resumed_in_another_folder_still_tests_an_earlier_better_checkpoin
     assert resumed["best_checkpoint"] == trained["best_checkpoint"]  # but the earlier one is better: tested
 
 
-def test_evaluate_refuses_a_checkpoint_of_another_model(tiny_overrides, tmp_path):
-    best = train(compose_config("train", tiny_overrides))["best_checkpoint"]
-    cfg = compose_config("eval", [*tiny_overrides, f"ckpt_path={best}", "model.conv1_channels=16"])
+def test_evaluate_needs_no_model_flags_for_a_self_describing_checkpoint(tiny_overrides, tmp_path):
+    trained = train(compose_config("train", [*tiny_overrides, "model.conv1_channels=16", "model.pool=avg"]))
+    ev = [*tiny_overrides, f"ckpt_path={trained['best_checkpoint']}", f"output_dir={tmp_path / 'ev'}"]
+    assert evaluate(compose_config("eval", ev))["test/acc"] == pytest.approx(trained["test/acc"])
+
+    # A checkpoint that does not describe its model (older cnnlab) takes the model.* flags it was trained with.
+    old = torch.load(trained["best_checkpoint"], weights_only=True)
+    del old["cnnlab"]
+    torch.save(old, tmp_path / "old.ckpt")
+    ev = [*tiny_overrides, f"ckpt_path={tmp_path / 'old.ckpt'}", f"output_dir={tmp_path / 'ev2'}"]
     with pytest.raises(UserError, match="trained with another model"):
-        evaluate(cfg)
+        evaluate(compose_config("eval", ev))
+    same = evaluate(compose_config("eval", [*ev, "model.conv1_channels=16", "model.pool=avg"]))
+    assert same["test/acc"] == pytest.approx(trained["test/acc"])
 
 
 def test_training_epoch_logs_the_mean_loss_and_accuracy_over_its_images(tiny_overrides, tmp_path):

@@ -25,9 +25,11 @@ class LitClassifier(LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,  # None: for testing only
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         num_classes: int = 10,
+        model_config: dict | None = None,  # the config that built `net` (plain data), kept in checkpoints
     ):
         super().__init__()
-        # Checkpoints keep num_classes; the network and the optimizer come from the config, not from pickles.
+        # Checkpoints keep num_classes and the model's config as plain data (no pickled classes); the network
+        # is rebuilt from that config (cnnlab.inference), the optimizer from the run's.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -113,6 +115,17 @@ class LitClassifier(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["train_sums"] = {"sums": self.train_sums.cpu(), "images": self.train_images}
+        datamodule = self.trainer.datamodule
+        if self.hparams.model_config is not None and datamodule is not None:
+            # What it takes to rebuild the network and feed it, as plain data: eval, predict and export need no
+            # other flags (cnnlab.inference.load_model).
+            checkpoint["cnnlab"] = {
+                "model": self.hparams.model_config,
+                "input_shape": list(self.net.input_shape),
+                "mean": list(datamodule.hparams.mean),
+                "std": list(datamodule.hparams.std),
+                "classes": list(datamodule.classes),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "train_sums" in checkpoint:

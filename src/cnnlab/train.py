@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import UserError, resume, write_atomically
+from cnnlab import UserError, inference, resume, write_atomically
 from cnnlab.config import check
 from cnnlab.module import LitClassifier
 
@@ -42,6 +42,7 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
         optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,  # eval.yaml has none
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         num_classes=cfg.model.num_classes,
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
     )
     loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values()]
     callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -111,22 +112,28 @@ def train(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Test a saved checkpoint (cfg.ckpt_path) on the test set and write metrics.json."""
+    """Test a checkpoint (or an exported .onnx/.pt2) on the test split of data.root, or on a labelled folder
+    <class>/<image>: metrics.json (accuracy, loss, per-class accuracy, confusion matrix) and confusion_matrix.png.
+
+    A self-describing checkpoint rebuilds its own model and normalisation; an older one uses model.* and the
+    data's mean/std from the config."""
     if cfg.get("ckpt_path") is None:
         raise UserError("ckpt_path=<file> is required: the checkpoint to evaluate")
     check(cfg)
-    path = resume.find_checkpoint(str(cfg.ckpt_path), cfg.outputs_root)
-    checkpoint = resume.load_checkpoint(path)
-    datamodule, module, trainer = build(cfg)
-    resume.check_shapes(module, checkpoint, path)
-    module.load_state_dict(checkpoint["state_dict"])
-    tested = trainer.test(module, datamodule=datamodule, verbose=True)[0]
-    metrics = {
-        "test/acc": tested["test/acc"],
-        "test/loss": tested["test/loss"],
-        "ckpt_path": str(path),
-        "run_dir": cfg.output_dir,
-    }
+
+    def from_config(checkpoint: dict, path: Path):
+        module = LitClassifier(make(cfg.model), num_classes=cfg.model.num_classes)
+        resume.check_shapes(module, checkpoint, path)
+        module.load_state_dict(checkpoint["state_dict"])
+        description = {"input_shape": list(module.net.input_shape), "classes": None}  # the data's, below
+        return inference.Deployable(module.net, list(cfg.data.mean), list(cfg.data.std)), description
+
+    model = inference.load_model(str(cfg.ckpt_path), cfg.outputs_root, fallback=from_config)
+    images, labels, model.description["classes"] = inference.evaluation_set(cfg.data, model.classes, model.image_size)
+    metrics = {**inference.score(model, images, labels, cfg.data.eval_batch_size), "ckpt_path": str(model.source),
+               "run_dir": cfg.output_dir}  # fmt: skip
+    inference.plot_confusion(metrics["confusion_matrix"], model.classes, Path(cfg.output_dir) / "confusion_matrix.png")
+    log.info(f"test/acc={metrics['test/acc']:.4f} test/loss={metrics['test/loss']:.4f} on {len(labels)} images")
     return write_metrics(metrics, cfg.output_dir)
 
 
