@@ -10,6 +10,7 @@ fc1 2304→10           10 logits  (softmax only for probabilities: the loss tak
 """
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,6 +24,24 @@ def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) 
     It holds for convolutions and for pooling (a pooling layer is a kernel with stride = kernel size).
     """
     return (size + 2 * padding - kernel) // stride + 1
+
+
+@dataclass(frozen=True)
+class SizeStep:
+    """One use of the formula: how a layer changed the spatial size, as the network was built from it."""
+
+    layer: str
+    size_in: int
+    kernel: int
+    stride: int
+    padding: int
+    size_out: int
+
+    def working(self) -> str:
+        """The formula with its numbers, e.g. (32 + 2·0 − 3) / 1 + 1 = 30; ⌊ ⌋ where PyTorch rounds down."""
+        inner = f"({self.size_in} + 2·{self.padding} − {self.kernel}) / {self.stride}"
+        exact = (self.size_in + 2 * self.padding - self.kernel) % self.stride == 0
+        return f"{inner if exact else f'⌊{inner}⌋'} + 1 = {self.size_out}"
 
 
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
@@ -54,7 +73,7 @@ class SlideCNN(nn.Sequential):
             raise UserError(f"model.pool={pool!r} is not a pooling layer: use one of {sorted(POOLS)}")
         # Follow the spatial size through the network with the formula, so that fc1's input size is
         # computed, never typed in, and a config whose shapes don't fit is refused here, before training.
-        size = image_size
+        size, size_steps = image_size, []
         for layer, kernel, layer_stride, layer_padding in [
             ("conv1", conv1_kernel, stride, padding),
             ("pool1", pool_size, pool_size, 0),
@@ -68,6 +87,7 @@ class SlideCNN(nn.Sequential):
                     f"fit its {size}×{size} input: (in + 2·pad − kernel) / stride + 1 = {out}. "
                     f"Use a smaller kernel or pool, more padding, or a larger image."
                 )
+            size_steps.append(SizeStep(layer, size, kernel, layer_stride, layer_padding, out))
             size = out
         super().__init__(
             OrderedDict(
@@ -83,6 +103,7 @@ class SlideCNN(nn.Sequential):
             )
         )
         self.input_shape = (in_channels, image_size, image_size)
+        self.size_steps = size_steps  # what the shape table shows (cnnlab.inside): one computation, not two
         # channels_last stores B×C×H×W tensors with the channels innermost (as B×H×W×C in memory): the same math,
         # and on CPUs the convolution kernels (oneDNN) run faster on it, most of all in bf16.
         self.channels_last = channels_last

@@ -44,8 +44,9 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
         num_classes=cfg.model.num_classes,
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
     )
-    loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values()]
-    callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values()]
+    # A callback or logger set to null (callbacks.inside=null) is left out.
+    loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[resume.AtomicCheckpointIO()]
     )
@@ -61,12 +62,28 @@ def make_logger(node: DictConfig, resuming: dict | None):
     return make(node)
 
 
+NOT_COMPARED = ("_target_", "in_channels", "image_size", "num_classes", "channels_last")  # same math, or fixed
+
+
 def hyperparameters(cfg: DictConfig) -> dict:
-    """What a run is, for TensorBoard's HPARAMS tab: the experiment's groups, not its logging and callbacks."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    return {
-        key: resolved[key] for key in ("seed", "data", "model", "optimizer", "scheduler", "trainer") if key in resolved
+    """What tells runs apart, under short names, for TensorBoard's HPARAMS tab: optimizer and scheduler (class
+    and settings), batch size, precision, augmentation, epochs, seed and the network's sizes. No `_target_`s and
+    no paths: the whole config stays in the run's .hydra/config.yaml."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    optimizer, scheduler = config.get("optimizer") or {}, config.get("scheduler") or {}
+    data, trainer, model = config.get("data") or {}, config.get("trainer") or {}, config.get("model") or {}
+    params = {
+        "optimizer": optimizer.get("_target_", "none").rsplit(".", 1)[-1],
+        "scheduler": scheduler.get("_target_", "none").rsplit(".", 1)[-1],
+        **{key: value for key, value in {**optimizer, **scheduler}.items() if not key.startswith("_")},
+        "batch_size": data.get("batch_size"),
+        "precision": trainer.get("precision"),
+        "augment": data.get("augment"),
+        "epochs": trainer.get("max_epochs"),
+        "seed": config.get("seed"),
+        **{key: value for key, value in model.items() if key not in NOT_COMPARED},
     }
+    return {key: value if isinstance(value, int | float | str | bool) else str(value) for key, value in params.items()}
 
 
 def train(cfg: DictConfig) -> dict:
