@@ -62,28 +62,38 @@ def make_logger(node: DictConfig, resuming: dict | None):
     return make(node)
 
 
-NOT_COMPARED = ("_target_", "in_channels", "image_size", "num_classes", "channels_last")  # same math, or fixed
-
-
 def hyperparameters(cfg: DictConfig) -> dict:
-    """What tells runs apart, under short names, for TensorBoard's HPARAMS tab: optimizer and scheduler (class
-    and settings), batch size, precision, augmentation, epochs, seed and the network's sizes. No `_target_`s and
-    no paths: the whole config stays in the run's .hydra/config.yaml."""
+    """What tells runs apart, for TensorBoard's HPARAMS tab, under short names: no `_target_`s and no paths (the
+    whole config stays in the run's .hydra/config.yaml). TensorBoard sorts the names and shows the first five
+    at first: augment, batch_size, epochs, lr, optimizer; then model.* (the network's settings given on the
+    command line, as a sweep does), optimizer.* and scheduler.* settings, precision, scheduler, seed."""
     config = OmegaConf.to_container(cfg, resolve=True)
     optimizer, scheduler = config.get("optimizer") or {}, config.get("scheduler") or {}
     data, trainer, model = config.get("data") or {}, config.get("trainer") or {}, config.get("model") or {}
     params = {
         "optimizer": optimizer.get("_target_", "none").rsplit(".", 1)[-1],
+        "lr": optimizer.get("lr"),
+        **{f"optimizer.{key}": value for key, value in optimizer.items() if key not in ("_target_", "_partial_", "lr")},
         "scheduler": scheduler.get("_target_", "none").rsplit(".", 1)[-1],
-        **{key: value for key, value in {**optimizer, **scheduler}.items() if not key.startswith("_")},
+        **{f"scheduler.{key}": value for key, value in scheduler.items() if not key.startswith("_")},
         "batch_size": data.get("batch_size"),
         "precision": trainer.get("precision"),
         "augment": data.get("augment"),
         "epochs": trainer.get("max_epochs"),
         "seed": config.get("seed"),
-        **{key: value for key, value in model.items() if key not in NOT_COMPARED},
+        **{f"model.{key}": model[key] for key in overridden("model") if key in model},
     }
     return {key: value if isinstance(value, int | float | str | bool) else str(value) for key, value in params.items()}
+
+
+def overridden(group: str) -> list[str]:
+    """The keys of `group` given on the command line (none outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keys = (o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task)
+    return [key.removeprefix(f"{group}.") for key in keys if key.startswith(f"{group}.")]
 
 
 def train(cfg: DictConfig) -> dict:
