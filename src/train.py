@@ -25,6 +25,8 @@ def main(cfg: DictConfig) -> float | None:
     except Interrupted as stop:  # Ctrl-C, SIGTERM: the checkpoint is written, say how to resume
         print(stop.report(), file=sys.stderr)
         sys.exit(stop.exit_status)
+    if metrics is None:  # another process of a multi-process run: the first one reports
+        return None
     best = "none" if metrics["val/acc_best"] is None else f"{metrics['val/acc_best']:.4f}"
     print(f"test/acc={metrics['test/acc']:.4f} val/acc_best={best} run_dir={cfg.output_dir}")
     return metrics["val/acc_best"]  # what a sweeper optimises

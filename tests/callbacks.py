@@ -31,3 +31,24 @@ class CrashAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise RuntimeError(f"crash before step {self.step}")
+
+
+class RecordShard(Callback):
+    """Writes, per process and epoch, a fingerprint of every training image it was given, in order:
+    <folder>/shard-<rank>-<epoch>.json."""
+
+    def __init__(self, folder: str):
+        self.folder, self.seen = Path(folder), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import hashlib
+
+        images = batch[0].float().cpu().contiguous()
+        self.seen += [hashlib.sha1(image.numpy().tobytes()).hexdigest()[:16] for image in images]
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import json
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"shard-{trainer.global_rank}-{trainer.current_epoch}.json").write_text(json.dumps(self.seen))
+        self.seen = []

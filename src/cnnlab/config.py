@@ -13,9 +13,11 @@ imports nothing heavy, so `python src/train.py --help` stays quick.
   asked for where there is none), refused right after composing, before any data is read or model built.
 """
 
+import os
 import re
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,35 @@ def run_dir(new_dir: str, ckpt_path: str | None, outputs_root: str) -> str:
             held_by = None  # train() says what is wrong with ckpt_path, in the new run's log
         if held_by is not None:
             return str(held_by)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:  # torchrun: every rank composes
+        return shared_run_dir(new_dir, outputs_root)
+    return unique_dir(new_dir)
+
+
+STARTED = time.time()  # about when this process started: it imports this module before composing
+RENDEZVOUS_WAIT_S = 120
+
+
+def shared_run_dir(new_dir: str, outputs_root: str) -> str:
+    """Under torchrun every process composes the config and resolves its own run dir: rank 0 claims one and
+    writes its path into <outputs_root>/.rendezvous/<torchrun job>, the other ranks read it there (on other
+    nodes too, where outputs_root is a shared file system). The job is named by its master address and port
+    and its rendezvous id; a file older than this process's start (less a minute's slack) is an earlier job's."""
+    job = "-".join(os.environ.get(key, "") for key in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
+    note = Path(outputs_root) / ".rendezvous" / re.sub(r"[^\w.-]+", "_", job)
+    if os.environ["RANK"] == "0":
+        claimed = unique_dir(new_dir)
+        note.parent.mkdir(parents=True, exist_ok=True)
+        temp = note.with_name(f".{note.name}.{os.getpid()}.tmp")
+        temp.write_text(str(Path(claimed).resolve()))
+        os.replace(temp, note)  # atomic: another rank reads the whole path or nothing
+        return claimed
+    deadline = time.monotonic() + RENDEZVOUS_WAIT_S
+    while time.monotonic() < deadline:
+        if note.is_file() and note.stat().st_mtime >= STARTED - 60:
+            return note.read_text()
+        time.sleep(0.1)
+    sys.stderr.write(f"warning: rank 0's run dir did not appear in {note}: this rank writes into its own\n")
     return unique_dir(new_dir)
 
 

@@ -220,8 +220,20 @@ class TensorBatches:
     a run stopped mid-epoch resumes at the next batch of the same permutation (cnnlab.resume).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        shuffle: bool,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
+        # Several processes (DDP): every process draws the same permutation (same seed, same generator state) and
+        # takes its own shard of it, rank::world_size, cut to an equal length on every process (DDP needs as
+        # many steps on each); the few images left over differ each epoch. Lightning shards only DataLoaders.
+        self.rank, self.world_size = rank, world_size
         # Lightning reads a loader's `sampler` / `batch_sampler` as it would a DataLoader's, and calls
         # `sampler.set_epoch(n)` before each epoch (as for a DistributedSampler): so the batches know their epoch.
         self.sampler, self.batch_sampler = self, None
@@ -234,7 +246,11 @@ class TensorBatches:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return ceil(len(self.labels) / self.batch_size)
+        return ceil(self.shard_size / self.batch_size)
+
+    @property
+    def shard_size(self) -> int:
+        return len(self.labels) // self.world_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
@@ -245,8 +261,9 @@ class TensorBatches:
         else:  # seeded: drawn from torch's generator, whose state the checkpoints keep
             self.order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
             self.served = 0
+        shard = self.order[self.rank :: self.world_size][: self.shard_size]
         while self.served < len(self):
-            index = self.order[self.served * self.batch_size : (self.served + 1) * self.batch_size]
+            index = shard[self.served * self.batch_size : (self.served + 1) * self.batch_size]
             self.served += 1
             yield self.images[index], self.labels[index]
 
@@ -342,7 +359,13 @@ class CIFAR10DataModule(LightningDataModule):
             self.splits = {name: (x.to(device), y.to(device)) for name, (x, y) in self.splits.items()}
 
     def train_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.splits["train"], self.hparams.batch_size, shuffle=True)
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return TensorBatches(
+            *self.splits["train"], self.hparams.batch_size, shuffle=True, rank=rank, world_size=world_size
+        )
+
+    # Validation and test are not sharded: every process scores the whole split, and torchmetrics' sync over
+    # processes then gives the exact metrics of the split (each process adds the same counts).
 
     def val_dataloader(self) -> TensorBatches:
         return TensorBatches(*self.splits["val"], self.hparams.eval_batch_size, shuffle=False)

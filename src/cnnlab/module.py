@@ -75,7 +75,7 @@ class LitClassifier(LightningModule):
         images, labels = batch
         logits = self(images)
         self.accuracy[stage].update(logits, labels)
-        self.log(f"{stage}/loss", self.criterion(logits, labels), prog_bar=stage == "val")
+        self.log(f"{stage}/loss", self.criterion(logits, labels), prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/acc", self.accuracy[stage], prog_bar=stage == "val")
         return logits
 
@@ -93,7 +93,7 @@ class LitClassifier(LightningModule):
         if len(names) != len(per_class):  # a data set with fewer classes than the model's outputs
             names = [str(i) for i in range(len(per_class))]
         for name, accuracy in zip(names, per_class, strict=True):
-            self.log(f"test/acc_class/{name}", accuracy)
+            self.log(f"test/acc_class/{name}", accuracy, sync_dist=True)  # the same on every process
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 figure, _ = self.test_confusion.plot(confusion, labels=names)
@@ -109,8 +109,8 @@ class LitClassifier(LightningModule):
         if self.train_images > 0:
             sums = torch.cat((self.train_sums, self.train_sums.new_tensor([self.train_images])))
             loss_sum, correct, images = self.trainer.strategy.reduce(sums, reduce_op="sum")  # summed over processes
-            self.log("train/loss_epoch", loss_sum / images)
-            self.log("train/acc", correct / images)
+            self.log("train/loss_epoch", loss_sum / images, sync_dist=True)  # already summed: the same everywhere
+            self.log("train/acc", correct / images, sync_dist=True)
         self.train_sums, self.train_images = torch.zeros(2, device=self.device), 0
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -135,7 +135,7 @@ class LitClassifier(LightningModule):
         if self.trainer.sanity_checking:  # the check before training is not an epoch
             return
         self.val_acc_best(self.accuracy["val"].compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.optimizer(params=self.parameters())

@@ -96,8 +96,9 @@ def overridden(group: str) -> list[str]:
     return [key.removeprefix(f"{group}.") for key in keys if key.startswith(f"{group}.")]
 
 
-def train(cfg: DictConfig) -> dict:
-    """Fit, test the best checkpoint, write metrics.json into the run dir and return the metrics.
+def train(cfg: DictConfig) -> dict | None:
+    """Fit, test the best checkpoint, write metrics.json into the run dir and return the metrics (None on the
+    other processes of a multi-process run: the first one writes for all).
 
     With `ckpt_path`, training resumes exactly where that checkpoint left it (cnnlab/resume.py)."""
     start = time.perf_counter()
@@ -131,6 +132,8 @@ def train(cfg: DictConfig) -> dict:
         "wall_s": round(time.perf_counter() - start, 1),
         "run_dir": cfg.output_dir,
     }
+    if not trainer.is_global_zero:
+        return None
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab: this run's config beside its real results
             results = {key: metrics[key] for key in ("test/acc", "val/acc_best") if metrics[key] is not None}

@@ -1,0 +1,89 @@
+"""Beyond one process: DDP on CPU (gloo), each process on its own shard, one run dir; device and precision
+groups. Multi-process runs are real `src/train.py` processes (Lightning re-executes the script per rank)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, compose_config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "precision"),
+    [(["precision=bf16"], "bf16-mixed"), (["trainer=ddp", "precision=fp16"], "16-mixed"),
+     (["experiment=fast_cpu", "precision=fp32"], "32-true"), (["experiment=fast_cpu"], "bf16-mixed"),
+     (["precision=bf16", "trainer.precision=32-true"], "32-true")],
+)  # fmt: skip
+def test_precision_is_a_group_that_wins_over_an_experiment(overrides, precision):
+    assert compose_config("train", overrides).trainer.precision == precision
+
+
+def test_ddp_on_two_cpu_processes_shards_the_data_and_leaves_one_run_dir(tree_archive, tmp_path):
+    shards = tmp_path / "shards"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+         "trainer.max_epochs=2", "data.val_size=20", "data.batch_size=8", f"data.root={tree_archive}",
+         f"data.cache_dir={tmp_path / 'cache'}", "+callbacks.record._target_=tests.callbacks.RecordShard",
+         f"+callbacks.record.folder={shards}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()  # one run dir for both processes
+    assert done.stdout.strip().splitlines()[-1].endswith(f"run_dir={run}")  # one summary line, from rank 0
+    assert len([line for line in done.stdout.splitlines() if line.startswith("test/acc=")]) == 1
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["global_step"] == 2 * 4  # 30 images a process, batches of 8
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.ckpt", Path(metrics["best_checkpoint"]).name}
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".log") == ["train.log", "train_ddp_process_1.log"]
+
+    seen = {(r, e): json.loads((shards / f"shard-{r}-{e}.json").read_text()) for r in (0, 1) for e in (0, 1)}
+    for epoch in (0, 1):
+        first, second = seen[(0, epoch)], seen[(1, epoch)]
+        assert len(first) == len(second) == 30  # equal shards: 60 training images over 2 processes
+        assert not set(first) & set(second)  # disjoint
+        assert len(set(first) | set(second)) == 60  # together, every image once
+    assert seen[(0, 0)] != seen[(0, 1)]  # a new order each epoch
+
+
+def torchrun(*args: str, tmp_path, port: int, nnodes: int = 1, node_rank: int = 0, nproc: int = 2):
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+         f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+         str(ROOT / "src" / "train.py"), *args],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def tiny(tree_archive, tmp_path) -> list[str]:
+    return ["trainer=ddp", "trainer.accelerator=cpu", "trainer.max_epochs=1", "data.val_size=20",
+            "data.batch_size=8", f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_torchrun_on_one_node_leaves_one_run_dir(tree_archive, tmp_path):
+    process = torchrun(*tiny(tree_archive, tmp_path), "trainer.devices=2", tmp_path=tmp_path, port=free_port())
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()  # every rank composed its config: still one run dir
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 4  # 30 images a rank, batches of 8
+    assert len([line for line in stdout.splitlines() if line.startswith("test/acc=")]) == 1
+
+
+def test_torchrun_on_two_nodes_of_this_machine_leaves_one_run_dir(tree_archive, tmp_path):
+    port, args = free_port(), [*tiny(tree_archive, tmp_path), "trainer.devices=1", "trainer.num_nodes=2"]
+    nodes = [torchrun(*args, tmp_path=tmp_path, port=port, nnodes=2, node_rank=rank, nproc=1) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 4
