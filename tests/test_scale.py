@@ -38,7 +38,7 @@ def test_ddp_on_two_cpu_processes_shards_the_data_and_leaves_one_run_dir(tree_ar
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["global_step"] == 2 * 4  # 30 images a process, batches of 8
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.ckpt", Path(metrics["best_checkpoint"]).name}
-    assert sorted(p.name for p in run.iterdir() if p.suffix == ".log") == ["train.log", "train_ddp_process_1.log"]
+    assert sorted(p.name for p in run.iterdir() if p.suffix == ".log") == ["train.log", "train_process_1.log"]
 
     seen = {(r, e): json.loads((shards / f"shard-{r}-{e}.json").read_text()) for r in (0, 1) for e in (0, 1)}
     for epoch in (0, 1):
@@ -87,3 +87,20 @@ def test_torchrun_on_two_nodes_of_this_machine_leaves_one_run_dir(tree_archive, 
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     (run,) = (tmp_path / "outputs" / "runs").iterdir()
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 4
+
+
+def test_ddp_inside_a_sweep_gives_exactly_the_sweeps_jobs(tree_archive, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "-m", *tiny(tree_archive, tmp_path), "trainer.devices=2",
+         "optimizer=adam,sgd_steplr", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and jobs[0].startswith("0_") and jobs[1].startswith("1_")
+    for job in jobs:
+        assert json.loads((sweep / job / "metrics.json").read_text())["global_step"] == 4  # sharded: 30 a process
+        assert (sweep / job / "train_process_1.log").is_file()  # its second process ran this job, in its folder
+    assert not (tmp_path / "outputs").exists()  # no extra process started a sweep or a run of its own
+    assert done.stdout.strip().splitlines()[-1] == f"sweep: 2 of 2 jobs finished; {sweep}"

@@ -3,7 +3,7 @@
 import json
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import UserError, inference, resume, write_atomically
+from cnnlab import UserError, inference, resume, scale, write_atomically
 from cnnlab.config import check
 from cnnlab.module import LitClassifier
 
@@ -114,7 +114,7 @@ def train(cfg: DictConfig) -> dict | None:
     if checkpoint is not None:
         resume.check_shapes(module, checkpoint, resume_from)
     guard = next((c for c in trainer.callbacks if isinstance(c, resume.RunGuard)), None)
-    with guard.handling_signals() if guard else nullcontext():
+    with guard.handling_signals() if guard else nullcontext(), ending_process_group():
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         best = resume.best_checkpoint(trainer, checkpoint)
         if not best:
@@ -139,6 +139,14 @@ def train(cfg: DictConfig) -> dict | None:
             results = {key: metrics[key] for key in ("test/acc", "val/acc_best") if metrics[key] is not None}
             logger.log_hyperparams(hyperparameters(cfg), metrics=results)
     return write_metrics(metrics, cfg.output_dir)
+
+
+@contextmanager
+def ending_process_group():
+    try:
+        yield
+    finally:
+        scale.end_process_group()  # a DDP run's: the next job of a sweep starts its own
 
 
 def evaluate(cfg: DictConfig) -> dict:
