@@ -131,7 +131,9 @@ def test_batches_cover_every_image_once_per_epoch():
 
 def test_the_set_moves_to_the_trainers_device_and_batches_are_cut_there(tree_archive, tmp_path):
     # "meta" stands in for a GPU: tensors there have shapes but no data, and nothing is copied back.
-    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), training=True)
+    trainer = SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device("meta")), training=True, global_rank=0, world_size=1
+    )
     for on_device, device in [(True, "meta"), (False, "cpu")]:
         cfg = compose_config("train", [f"data.root={tree_archive}", f"data.cache_dir={tmp_path}", "data.val_size=20"])
         dm = instantiate(cfg.data, _convert_="all", on_device=on_device)
