@@ -18,10 +18,10 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,export]'
+	$(BIN)/pip install --quiet -e '.[dev,export,scale]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install cnnlab (editable) with the dev tools and the export extra
+install: $(VENV)/.installed  ## create .venv and install cnnlab (editable) with the dev tools and the export and scale extras
 
 train: $(VENV)/.installed  ## train once: make train ARGS="optimizer=sgd_steplr trainer.max_epochs=5"
 	$(BIN)/python src/train.py $(ARGS)

@@ -52,3 +52,16 @@ class RecordShard(Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"shard-{trainer.global_rank}-{trainer.current_epoch}.json").write_text(json.dumps(self.seen))
         self.seen = []
+
+
+class RecordThreads(Callback):
+    """Writes torch's thread count in the job's process to <folder>/threads-<job>.txt at the start of training."""
+
+    def __init__(self, folder: str, job: int):
+        self.file = Path(folder) / f"threads-{job}.txt"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.file.write_text(str(torch.get_num_threads()))

@@ -172,6 +172,11 @@ COMMAND_LINE = {
         ["optimizer=adamw"],
         r"Could not find 'optimizer/adamw'\n\nAvailable options in 'optimizer':\n\tadam\n\tsgd_cosine\n\tsgd_steplr",
     ),
+    "a sweep's launcher plugin that is not installed (the scale extra)": (
+        ["-m", "hydra/launcher=parallel", "hydra.launcher._target_=hydra_plugins.not_installed.Launcher", "seed=1,2"],
+        r"error: the launcher Launcher is not installed \(hydra_plugins.not_installed\): it comes with cnnlab's "
+        r"scale extra, pip install -e '.\[scale\]'",
+    ),
     "a run folder that cannot be written (`hydra.run.dir=...`)": (
         ["hydra.run.dir={tmp}/a-file/run"],
         r"error: hydra.run.dir=.*a-file/run: cannot write the run's outputs there \(Not a directory\)",

@@ -104,3 +104,21 @@ def test_ddp_inside_a_sweep_gives_exactly_the_sweeps_jobs(tree_archive, tmp_path
         assert (sweep / job / "train_process_1.log").is_file()  # its second process ran this job, in its folder
     assert not (tmp_path / "outputs").exists()  # no extra process started a sweep or a run of its own
     assert done.stdout.strip().splitlines()[-1] == f"sweep: 2 of 2 jobs finished; {sweep}"
+
+
+def test_a_joblib_sweep_runs_two_jobs_at_once_each_on_its_share_of_the_cores(tree_archive, tmp_path):
+    sweep, threads = tmp_path / "sweep", tmp_path / "threads"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+         "trainer=cpu", "trainer.max_epochs=1", "data.val_size=20", f"data.root={tree_archive}",
+         f"data.cache_dir={tmp_path / 'cache'}", "optimizer=adam,sgd_steplr", f"hydra.sweep.dir={sweep}",
+         "+callbacks.threads._target_=tests.callbacks.RecordThreads", f"+callbacks.threads.folder={threads}",
+         "+callbacks.threads.job=${hydra:job.num}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"sweep: 2 of 2 jobs finished; {sweep}" in done.stdout.splitlines()  # the workers' lines may come later
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and all((job / "metrics.json").is_file() for job in jobs)
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert [(threads / f"threads-{n}.txt").read_text() for n in (0, 1)] == [share, share]

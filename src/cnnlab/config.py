@@ -158,6 +158,14 @@ class OutputDirCheck(Callback):
         self.check(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        if launcher.startswith("hydra_plugins."):  # a launcher plugin of ours (conf/hydra/launcher): installed?
+            import importlib.util
+
+            plugin = ".".join(launcher.split(".")[:2])
+            if importlib.util.find_spec(plugin) is None:
+                sys.exit(f"error: the launcher {launcher.rsplit('.', 1)[-1]} is not installed ({plugin}): it comes "
+                         f"with cnnlab's scale extra, pip install -e '.[scale]' (make install does it)")  # fmt: skip
         self.check(config, "hydra.sweep.dir")
 
     @staticmethod

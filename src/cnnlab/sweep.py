@@ -68,13 +68,14 @@ def planned_jobs(sweep: Path) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = [f"{key}={value}" for key, value in (hydra.sweeper.get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides([*params, *hydra.overrides.task])
+    raw = OmegaConf.to_container(hydra, resolve=False)  # overrides may hold ${...} for the job to resolve
+    params = [f"{key}={value}" for key, value in (raw["sweeper"].get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides([*params, *raw["overrides"]["task"]])
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def read_overrides(folder: Path) -> list[str]:
-    return list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
+    return OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "overrides.yaml"), resolve=False)
 
 
 def job_state(number: int, overrides: list[str], folder: Path | None) -> Job:
