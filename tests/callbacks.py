@@ -65,3 +65,16 @@ class RecordThreads(Callback):
 
         self.file.parent.mkdir(parents=True, exist_ok=True)
         self.file.write_text(str(torch.get_num_threads()))
+
+
+class FailJob(Callback):
+    """A user error at the start of training in sweep job `fail` (give `job=${hydra:job.num}`)."""
+
+    def __init__(self, job: int, fail: int):
+        self.job, self.fail = job, fail
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from cnnlab import UserError
+
+        if self.job == self.fail:
+            raise UserError(f"job {self.job} fails on purpose")
