@@ -158,3 +158,70 @@ def test_an_optuna_search_records_a_failing_trial_and_continues_where_it_stopped
     metrics = json.loads((next(sweep.glob(f"{best['trial']}_*")) / "metrics.json").read_text())
     assert metrics["val/acc_best"] == pytest.approx(best["value"])  # it maximised val/acc_best, not test/acc
     assert f"best trial {best['trial']}: val/acc_best=" in again.stdout
+
+
+def test_the_slurm_preset_asks_for_one_task_per_ddp_process(tmp_path, monkeypatch):
+    import submitit
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from tests.conftest import CONF
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit looks for it: a cluster's login node
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    submitted = {}
+
+    def capture(executor, function, *arguments):  # instead of calling sbatch
+        submitted["executor"] = executor
+        raise StopIteration
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                 "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                 "hydra.job.name=train"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides, return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)  # Hydra's submitit SlurmLauncher, as the sweep makes it
+    launcher.config = cfg
+    with pytest.raises(StopIteration):
+        launcher.launch([["seed=0"]], initial_job_idx=0)
+    script = submitted["executor"]._executor._make_submission_file_text("python -u -m submitit.core._submit x", "id")
+    lines = set(script.splitlines())
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --partition=gpu", "#SBATCH --time=60",
+                 "#SBATCH --cpus-per-task=2", "#SBATCH --mem=16GB", "#SBATCH --signal=USR2@120"):  # fmt: skip
+        assert line in lines, script
+    assert f"{tmp_path / 'sweep'}/.submitit/" in script
+
+
+def test_lightning_sees_a_slurm_job_of_2_nodes_by_4_tasks(monkeypatch):
+    from lightning import Trainer
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    for key, value in {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NAME": "train",
+                       "SLURM_JOB_ID": "123", "SLURM_NODELIST": "node[1-2]", "SLURM_PROCID": "5",
+                       "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)  # as srun sets them for the 6th task, on the second node
+    cfg = compose_config(
+        "train", ["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", "trainer.accelerator=cpu"]
+    )
+    trainer = Trainer(**{k: cfg.trainer[k] for k in ("accelerator", "devices", "num_nodes")}, strategy="ddp",
+                      logger=False)  # fmt: skip
+    environment = trainer._accelerator_connector.cluster_environment
+    assert isinstance(environment, SLURMEnvironment)
+    assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (8, 5, 1, 1)
+
+
+def test_a_sweep_through_submitit_local(tree_archive, tmp_path):
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "hydra/launcher=submitit_local", "trainer=cpu",
+         "trainer.max_epochs=1", "data.val_size=20", f"data.root={tree_archive}",
+         f"data.cache_dir={tmp_path / 'cache'}", "optimizer=adam,sgd_steplr", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert [p.name[:2] for p in jobs] == ["0_", "1_"] and all((job / "metrics.json").is_file() for job in jobs)
+    assert f"sweep: 2 of 2 jobs finished; {sweep}" in done.stdout.splitlines()
