@@ -198,6 +198,11 @@ def test_the_slurm_preset_asks_for_one_task_per_ddp_process(tmp_path, monkeypatc
 def test_lightning_sees_a_slurm_job_of_2_nodes_by_4_tasks(monkeypatch):
     from lightning import Trainer
     from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    # The Trainer sets this process-wide rank to the faked task's (5): put it back afterwards, or the tests that
+    # follow would log nothing (loggers write on rank 0 only).
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
 
     for key, value in {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_NAME": "train",
                        "SLURM_JOB_ID": "123", "SLURM_NODELIST": "node[1-2]", "SLURM_PROCID": "5",
