@@ -33,4 +33,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    cnnlab.config.refuse_numeric_precision(sys.argv[1:])
     main()

@@ -172,6 +172,10 @@ COMMAND_LINE = {
         ["optimizer=adamw"],
         r"Could not find 'optimizer/adamw'\n\nAvailable options in 'optimizer':\n\tadam\n\tsgd_cosine\n\tsgd_steplr",
     ),
+    "a number as the precision group's option (`precision=32`)": (
+        ["precision=32"],
+        r"error: precision=32: the precision group's options are fp32, bf16, fp16 \(Hydra reads 32 as a number",
+    ),
     "a sweep's launcher plugin that is not installed (the scale extra)": (
         ["-m", "hydra/launcher=parallel", "hydra.launcher._target_=hydra_plugins.not_installed.Launcher", "seed=1,2"],
         r"error: the launcher Launcher is not installed \(hydra_plugins.not_installed\): it comes with cnnlab's "

@@ -140,6 +140,19 @@ ConfigStore.instance().store(group="schema", name="model", node=ModelSchema)
 
 # ------------------------------------------------------------------------------------------ checks
 
+PRECISIONS = {"32": "32-true", "16": "16-mixed"}  # what people type → the trainer.precision it means
+
+
+def refuse_numeric_precision(argv: list[str]) -> None:
+    """`precision=32` is what people type, but Hydra reads 32 as a number and a group's option must be a name:
+    it would stop with a traceback before any code of ours runs. One line instead (the entry points call this)."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key == "precision" and value in PRECISIONS:
+            sys.exit(f"error: precision={value}: the precision group's options are fp32, bf16, fp16 (Hydra reads "
+                     f"{value} as a number, not an option's name); "
+                     f"or give trainer.precision={PRECISIONS[value]}")  # fmt: skip
+
 
 def writable_dir(path: str | Path) -> str | None:
     """None if `path` is (or can be made) a folder we can write files into, else why not."""

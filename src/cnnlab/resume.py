@@ -76,7 +76,7 @@ def find_checkpoint(ckpt_path: str, outputs_root: str | Path) -> Path:
     candidates = list(Path(outputs_root).glob(f"**/checkpoints/{LAST}"))
     if not candidates:
         raise UserError(
-            f"ckpt_path=last: no {LAST} under {outputs_root}/ (runs and multiruns): nothing to resume. "
+            f"ckpt_path=last: no {LAST} under {outputs_root}/ (runs and multiruns): no run to take it from. "
             f"Give a checkpoint file instead: ckpt_path=<run dir>/checkpoints/{LAST}"
         )
     return max(candidates, key=lambda path: path.stat().st_mtime_ns)
