@@ -6,7 +6,8 @@ sweep that command line is the whole sweep: every extra process would start a sw
 single run in the job's folder; outside a sweep that is the same command as Lightning's.
 
 `share_the_machine`: a job of a sweep that runs several jobs at once (hydra/launcher=parallel or joblib) takes
-its share of the CPU threads, and on a machine with GPUs a GPU of its own, so that jobs do not slow each other.
+a GPU of its own on a machine with GPUs. Its share of the CPU threads it gets from joblib already: loky starts
+its workers with OMP_NUM_THREADS = cores // n_jobs.
 """
 
 import os
@@ -74,19 +75,15 @@ def end_process_group() -> None:
 
 
 def share_the_machine(cfg) -> None:
-    """In a job of a parallel sweep (hydra/launcher=parallel or joblib, n_jobs at once): torch uses cores / n_jobs
-    threads (two jobs of two threads each on two cores run 4× slower), and a job on GPUs takes GPU number
-    job % GPUs. Elsewhere it changes nothing."""
+    """In a job of a parallel sweep (hydra/launcher=parallel or joblib) on a machine with GPUs: GPU number
+    job % GPUs, so that the jobs running at once do not share one. Elsewhere it changes nothing. (The CPU threads
+    are shared by joblib itself: cores // n_jobs per worker, tests/test_scale.py checks it.)"""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
     if not HydraConfig.initialized() or "joblib" not in str(HydraConfig.get().launcher.get("_target_", "")):
         return
-    hydra = HydraConfig.get()
-    cores = os.cpu_count() or 1
-    n_jobs = hydra.launcher.n_jobs if hydra.launcher.n_jobs > 0 else cores
-    torch.set_num_threads(max(1, cores // n_jobs))
     trainer = cfg.trainer
     if torch.cuda.is_available() and trainer.accelerator in ("gpu", "cuda", "auto") and trainer.devices == 1:
         with open_dict(cfg):
-            trainer.devices = [hydra.job.num % torch.cuda.device_count()]
+            trainer.devices = [HydraConfig.get().job.num % torch.cuda.device_count()]

@@ -110,7 +110,7 @@ def train(cfg: DictConfig) -> dict | None:
         log.info(f"resuming from {resume_from} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}) "
                  f"in {cfg.output_dir}")  # fmt: skip
     L.seed_everything(cfg.seed, workers=True)  # an integer seed is applied, 0 included
-    scale.share_the_machine(cfg)  # a job among others running at once: its share of threads (and its GPU)
+    scale.share_the_machine(cfg)  # a job among others running at once on GPUs: a GPU of its own
     datamodule, module, trainer = build(cfg, resuming=checkpoint)
     if checkpoint is not None:
         resume.check_shapes(module, checkpoint, resume_from)
