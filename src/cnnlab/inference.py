@@ -112,8 +112,8 @@ def description_of(checkpoint: dict, source: Path) -> dict:
     return description
 
 
-def deployable_from_checkpoint(path: Path) -> tuple[Deployable, dict]:
-    checkpoint = load_checkpoint(path)
+def deployable_from_checkpoint(checkpoint: dict, path: Path) -> tuple[Deployable, dict]:
+    """The Deployable a loaded checkpoint (from `path`) describes, with its weights."""
     description = description_of(checkpoint, path)
     net = build_net(description, path)
     weights = {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
@@ -135,10 +135,11 @@ def load_model(ckpt_path: str, outputs_root: str = "outputs", device: str = "aut
         return load_onnx(path)
     if suffix == ".pt2":
         return load_pt2(path)
-    if fallback is not None and "cnnlab" not in (checkpoint := load_checkpoint(path)):
+    checkpoint = load_checkpoint(path)
+    if fallback is not None and "cnnlab" not in checkpoint:
         model, description = fallback(checkpoint, path)
     else:
-        model, description = deployable_from_checkpoint(path)
+        model, description = deployable_from_checkpoint(checkpoint, path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     target = torch.device(device)
@@ -383,7 +384,7 @@ def export(ckpt_path: str, format: str, output: str | None, outputs_root: str = 
     source = resolve_model_path(ckpt_path, outputs_root)
     if source.suffix.lower() != ".ckpt":
         raise UserError(f"ckpt_path={source}: export reads a Lightning checkpoint (.ckpt)")
-    model, description = deployable_from_checkpoint(source)
+    model, description = deployable_from_checkpoint(load_checkpoint(source), source)
     target = Path(output) if output else source.with_suffix(FORMATS[format])
     example = torch.zeros(2, *description["input_shape"], dtype=torch.uint8)
     batch = torch.export.Dim("batch")

@@ -142,21 +142,22 @@ def filter_grid(net: nn.Sequential, pixels: int = 8) -> torch.Tensor:
 
 def map_grid(maps: torch.Tensor, height: int = 30) -> torch.Tensor:
     """B images × C maps → one grey image, a row per image; each map scaled to 0–1 and enlarged."""
-    from torchvision.utils import make_grid
-
     batch, channels = maps.shape[:2]
-    scale = max(1, height // maps.shape[-1])
-    tiles = nn.functional.interpolate(scale_each(maps).reshape(batch * channels, 1, *maps.shape[2:]).cpu(),
-                                      scale_factor=scale, mode="nearest")  # fmt: skip
-    return make_grid(tiles, nrow=channels, padding=1, pad_value=1.0)
+    return enlarged_grid(scale_each(maps).reshape(batch * channels, 1, *maps.shape[2:]), channels, height)
 
 
 def map_input_grid(images: torch.Tensor, height: int = 48) -> torch.Tensor:
+    """uint8 B×C×H×W images → one image, in a row."""
+    return enlarged_grid(images.float() / 255, len(images), height)
+
+
+def enlarged_grid(tiles: torch.Tensor, per_row: int, height: int) -> torch.Tensor:
+    """Tiles (values 0–1) enlarged by a whole factor to about `height` pixels, in rows of `per_row`."""
     from torchvision.utils import make_grid
 
-    scale = max(1, height // images.shape[-1])
-    return make_grid(nn.functional.interpolate(images.float().cpu() / 255, scale_factor=scale, mode="nearest"),
-                     nrow=len(images), padding=1, pad_value=1.0)  # fmt: skip
+    scale = max(1, height // tiles.shape[-1])
+    enlarged = nn.functional.interpolate(tiles.cpu(), scale_factor=scale, mode="nearest")
+    return make_grid(enlarged, nrow=per_row, padding=1, pad_value=1.0)
 
 
 def filters_figure(net: nn.Sequential):
@@ -220,13 +221,14 @@ def visualize(cfg) -> list:
 
     from cnnlab import UserError, write_atomically
     from cnnlab.inference import deployable_from_checkpoint, evaluation_set, read_images, resolve_model_path
+    from cnnlab.resume import load_checkpoint
 
     if cfg.get("ckpt_path") is None:
         raise UserError("ckpt_path=... is required: python src/visualize.py ckpt_path=<checkpoint> [image=<file>]")
     path = resolve_model_path(str(cfg.ckpt_path), cfg.outputs_root)
     if path.suffix.lower() != ".ckpt":
         raise UserError(f"ckpt_path={path}: visualize reads a Lightning checkpoint (.ckpt)")
-    model, description = deployable_from_checkpoint(path)
+    model, description = deployable_from_checkpoint(load_checkpoint(path), path)
     size = tuple(description["input_shape"][1:])
     if cfg.get("image"):
         kept, images, skipped = read_images([Path(cfg.image).expanduser()], size)

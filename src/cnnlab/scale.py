@@ -13,6 +13,7 @@ its workers with OMP_NUM_THREADS = cores // n_jobs.
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
@@ -62,16 +63,21 @@ class SweepSafeDDPStrategy(DDPStrategy):
             self._launcher = JobScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
 
-def end_process_group() -> None:
-    """After a run: the next job of a sweep, in this same process, starts its own processes and process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    for key, value in LAUNCHED_ENVIRONMENT.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    LAUNCHED_ENVIRONMENT.clear()
+@contextmanager
+def process_group_ended_after():
+    """Around a run: after it, the process group is gone and the launcher's variables are undone, so that the next
+    job of a sweep, in this same process, starts its own processes and process group."""
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in LAUNCHED_ENVIRONMENT.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        LAUNCHED_ENVIRONMENT.clear()
 
 
 def share_the_machine(cfg) -> None:

@@ -3,7 +3,7 @@
 import json
 import logging
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -115,7 +115,7 @@ def train(cfg: DictConfig) -> dict | None:
     if checkpoint is not None:
         resume.check_shapes(module, checkpoint, resume_from)
     guard = next((c for c in trainer.callbacks if isinstance(c, resume.RunGuard)), None)
-    with guard.handling_signals() if guard else nullcontext(), ending_process_group():
+    with guard.handling_signals() if guard else nullcontext(), scale.process_group_ended_after():
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         best = resume.best_checkpoint(trainer, checkpoint)
         if not best:
@@ -140,14 +140,6 @@ def train(cfg: DictConfig) -> dict | None:
             results = {key: metrics[key] for key in ("test/acc", "val/acc_best") if metrics[key] is not None}
             logger.log_hyperparams(hyperparameters(cfg), metrics=results)
     return write_metrics(metrics, cfg.output_dir)
-
-
-@contextmanager
-def ending_process_group():
-    try:
-        yield
-    finally:
-        scale.end_process_group()  # a DDP run's: the next job of a sweep starts its own
 
 
 def evaluate(cfg: DictConfig) -> dict:
