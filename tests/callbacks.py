@@ -22,6 +22,21 @@ class PauseAt(Callback):
             time.sleep(0.05)
 
 
+class SignalAt(Callback):
+    """Before training step `step` of a run that is not resuming, send `signal` to this process (only on process
+    `rank` of a multi-process run, when given), as SLURM or a user would."""
+
+    def __init__(self, step: int, signal: str, rank: int | None = None):
+        self.step, self.signal, self.rank = step, signal, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import os
+        import signal
+
+        if trainer.global_step == self.step and trainer.ckpt_path is None and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), signal.Signals[self.signal])
+
+
 class CrashAt(Callback):
     """Raise before training step `step`, as a crash would stop the run there."""
 

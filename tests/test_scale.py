@@ -230,3 +230,54 @@ def test_a_sweep_through_submitit_local(tree_archive, tmp_path):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name[:2] for p in jobs] == ["0_", "1_"] and all((job / "metrics.json").is_file() for job in jobs)
     assert f"sweep: 2 of 2 jobs finished; {sweep}" in done.stdout.splitlines()
+
+
+def test_a_preempted_submitit_job_checkpoints_is_requeued_and_resumes(tree_archive, tmp_path):
+    """submitit's SIGUSR2 (SLURM: before the time limit, or on pre-emption) mid-epoch: RunGuard writes last.ckpt at
+    the step's end and hands over to submitit's handler, which requeues the job (submitit_local: the controller
+    starts it again); the job started again finds its own last.ckpt and finishes from there."""
+    sweep = tmp_path / "sweep"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "hydra/launcher=submitit_local", "trainer=cpu",
+         "trainer.max_epochs=2", "data.val_size=20", "data.batch_size=16", f"data.root={tree_archive}",
+         f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+         "+callbacks.preempt._target_=tests.callbacks.SignalAt", "+callbacks.preempt.step=5",
+         "+callbacks.preempt.signal=SIGUSR2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (job,) = sweep.glob("0_*")
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["resumed_from"] == str(job / "checkpoints" / "last.ckpt")
+    assert (metrics["epochs"], metrics["global_step"]) == (2, 8)  # 60 training images in batches of 16: 4 steps
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "Requeued job" in logs
+    log = (job / "train.log").read_text()
+    assert "SIGUSR2: stopping after this step with a checkpoint" in log
+    assert f"resuming from {job / 'checkpoints' / 'last.ckpt'} (epoch 1, step 6)" in log
+    assert f"sweep: 1 of 1 jobs finished; {sweep}" in done.stdout.splitlines()
+
+
+def test_ddp_processes_stop_together_when_only_one_gets_the_signal(tree_archive, tmp_path):
+    command = [sys.executable, str(ROOT / "src" / "train.py"), *tiny(tree_archive, tmp_path), "trainer.devices=2",
+               "trainer.max_epochs=2", "hydra.run.dir=run"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    signal_rank_1 = ["+callbacks.stop._target_=tests.callbacks.SignalAt", "+callbacks.stop.step=2",
+                     "+callbacks.stop.signal=SIGTERM", "+callbacks.stop.rank=1"]  # fmt: skip
+    stopped = subprocess.run([*command, *signal_rank_1], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env=env)  # fmt: skip
+    assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert f"stopped by SIGTERM at epoch 0, step 3; resume with:" in stopped.stderr
+    assert torch_load(last)["global_step"] == 3
+    resumed = subprocess.run([*command, f"ckpt_path={last}"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env=env)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (metrics["epochs"], metrics["global_step"]) == (2, 8)  # 30 images a process, batches of 8: 4 steps
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)

@@ -8,6 +8,8 @@ position through its state_dict (cnnlab.data.TensorBatches). What it leaves to u
 - signals: `RunGuard` turns Ctrl-C (SIGINT) and SIGTERM into a checkpoint at the end of the current step and an
   `Interrupted` exception, which the entry point turns into one line and exit status 128 + signal (130, 143);
 - a NaN/inf loss: `RunGuard` stops before the optimizer step, with last.ckpt holding the last finite weights;
+- SLURM's pre-emption and time limit: `RunGuard` also takes SIGUSR2 (submitit's), checkpoints, hands over to
+  submitit's handler, which requeues the job; the job started again resumes from it (`requeued_checkpoint`);
 - `ckpt_path=last`: `find_checkpoint` takes the newest last.ckpt under the outputs folder;
 - a resumed run continues in the run dir that holds its checkpoint (`run_dir_of`, used by config.run_dir, Hydra's
   run-dir resolver), so its ModelCheckpoint keeps its record of the best checkpoint and TensorBoard shows one run.
@@ -16,10 +18,12 @@ position through its state_dict (cnnlab.data.TensorBatches). What it leaves to u
 """
 
 import logging
+import os
 import random
 import shlex
 import signal
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,6 +68,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda file: torch.save(checkpoint, file))
+
+
+def requeued_checkpoint(output_dir: str | Path) -> Path | None:
+    """The job's own last.ckpt when submitit (hydra/launcher=slurm or submitit_local) starts a job again in the
+    folder of one that was stopped, as it does after pre-emption or the time limit; None otherwise. Hydra gives
+    every job of a sweep a folder of its own, so only a requeued job finds a last.ckpt in it."""
+    path = Path(output_dir) / "checkpoints" / LAST
+    return path if os.environ.get("SUBMITIT_EXECUTOR") and path.is_file() else None
 
 
 def find_checkpoint(ckpt_path: str, outputs_root: str | Path) -> Path:
@@ -205,7 +217,13 @@ class RunGuard(Callback):
     raised. Before training starts, while testing, or on a second signal, `Interrupted` is raised at once.
     train() installs the handlers with `handling_signals()` for the whole run; Lightning installs its own SIGTERM
     handler when fit starts (it would stop only at the epoch's end, with exit status 0), so on_train_start puts
-    ours back. SLURM's pre-emption signal can be added to `signals` (the scale-out configs).
+    ours back.
+
+    A handler that was there before ours is chained, not replaced: it runs once the checkpoint is written. On
+    SLURM that is submitit's (hydra/launcher=slurm): its SIGUSR2 comes before the time limit or on pre-emption,
+    and its handler requeues the job; the requeued job resumes from this checkpoint (`requeued_checkpoint`).
+    With several processes (DDP) the stop is agreed after every step, so that all of them write the one
+    checkpoint together (a collective call) even when the signal reached only some of them.
     """
 
     def __init__(self, signals: list[str], stop_on_nonfinite_loss: bool):
@@ -217,10 +235,17 @@ class RunGuard(Callback):
         self.requested: int | None = None  # the signal that asked to stop
         self.training = False
         self.trainer: Trainer | None = None
+        self.chained: dict[int, Callable] = {}  # signal → the Python handler installed before ours (submitit's)
 
     @contextmanager
     def handling_signals(self):
         previous = {signum: signal.signal(signum, self.handle) for signum in self.signals}
+        # Python's own SIGINT handler (KeyboardInterrupt) is not chained: Ctrl-C is ours to report.
+        self.chained = {
+            signum: handler
+            for signum, handler in previous.items()
+            if callable(handler) and handler is not signal.default_int_handler
+        }
         try:
             yield self
         finally:
@@ -236,7 +261,17 @@ class RunGuard(Callback):
             where = "at once (a second signal)"
         else:
             where = "before training started" if self.trainer is None else "while testing"
-        raise Interrupted(signum, last_checkpoint(self.trainer), where)
+        checkpoint = last_checkpoint(self.trainer)
+        self.hand_over(signum)
+        raise Interrupted(signum, checkpoint, where)
+
+    def hand_over(self, signum: int) -> None:
+        """Run the handler that was there before ours, if any: submitit's requeues the job and exits (on the first
+        process; on the others it returns)."""
+        handler = self.chained.get(signum)
+        if handler is not None:
+            log.info(f"{signal.Signals(signum).name}: handing over to {getattr(handler, '__qualname__', handler)}")
+            handler(signum, None)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.trainer, self.training = trainer, True
@@ -247,11 +282,19 @@ class RunGuard(Callback):
         self.training = False
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        if self.requested is None:
+        requested = self.requested
+        if trainer.world_size > 1:  # one all-reduce of one number per step: every process stops at the same step
+            asked = torch.tensor(requested or 0, device=pl_module.device)
+            requested = int(trainer.strategy.reduce(asked, reduce_op=torch.distributed.ReduceOp.MAX)) or None
+        if requested is None:
             return
         path = checkpoint_file(trainer)
-        trainer.save_checkpoint(path)
-        raise Interrupted(self.requested, path, f"at epoch {trainer.current_epoch}, step {trainer.global_step}")
+        trainer.save_checkpoint(path)  # collective: every process calls it, the first one writes
+        try:
+            self.hand_over(requested)  # on SLURM: the job is requeued, the first process exits here
+        finally:
+            trainer.strategy.barrier("RunGuard")  # the other processes wait for that before they exit
+        raise Interrupted(requested, path, f"at epoch {trainer.current_epoch}, step {trainer.global_step}")
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         if not self.stop_on_nonfinite_loss or torch.isfinite(loss).all():
