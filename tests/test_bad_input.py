@@ -105,6 +105,9 @@ IN_PROCESS = {
         r"data.val_size=80 must be between 1 and 79",
     ),
     "`model.dropout` outside [0, 1)": (lambda t: ["model.dropout=1.0"], r"model.dropout=1.0 must be in \[0, 1\)"),
+    "`loss.label_smoothing` outside [0, 1)": (
+        lambda t: ["loss.label_smoothing=1.0"], r"loss.label_smoothing=1.0 must be in \[0, 1\)"
+    ),
     "shapes that do not fit (`model.conv2_kernel=20`)": (
         lambda t: ["model.conv2_kernel=20"],
         r"model: conv2 \(kernel 20, stride 1, padding 0\) does not fit its 15×15 input",
@@ -170,7 +173,7 @@ COMMAND_LINE = {
     ),
     "an unknown option of a group (`optimizer=adamw`)": (
         ["optimizer=adamw"],
-        r"Could not find 'optimizer/adamw'\n\nAvailable options in 'optimizer':\n\tadam\n\tsgd_cosine\n\tsgd_steplr",
+        r"Could not find 'optimizer/adamw'\n\nAvailable options in 'optimizer':\n\tadam\n\tsgd_cosine\n\tsgd_onecycle\n\tsgd_steplr",
     ),
     "a number as the precision group's option (`precision=32`)": (
         ["precision=32"],

@@ -111,6 +111,7 @@ class DataSchema:  # cnnlab.data.CIFAR10DataModule
     eval_batch_size: int = MISSING
     augment: bool = MISSING
     crop_padding: int = MISSING
+    tta: bool = MISSING
     mean: list[float] = MISSING
     std: list[float] = MISSING
     on_device: bool = MISSING
@@ -218,6 +219,9 @@ def check(cfg: DictConfig) -> None:
             refuse(f"model.dropout={cfg.model.dropout} must be in [0, 1): the probability of zeroing an activation")
         if cfg.model.num_classes < 1:
             refuse(f"model.num_classes={cfg.model.num_classes} must be ≥ 1")
+    smoothing = (cfg.get("loss") or {}).get("label_smoothing", 0.0)
+    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
+        refuse(f"loss.label_smoothing={smoothing!r} must be in [0, 1): the share of each target spread over all classes")
     lr = (cfg.get("optimizer") or {}).get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0):
         refuse(f"optimizer.lr={lr!r} must be a number ≥ 0, e.g. optimizer.lr=0.001")

@@ -316,6 +316,7 @@ class CIFAR10DataModule(LightningDataModule):
         mean: list[float],
         std: list[float],
         on_device: bool,
+        tta: bool = False,  # read by LitClassifier's test step and by eval.py, not here
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)

@@ -283,20 +283,29 @@ def evaluation_set(data, classes: list[str] | None, size: tuple[int, int]) -> tu
     return images, relabel[arrays.test_labels], classes
 
 
-def score(model: Model, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
-    """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix (rows: true, columns: predicted)."""
+def score(model: Model, images: np.ndarray, labels: np.ndarray, batch_size: int, tta: bool = False) -> dict:
+    """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix (rows: true, columns: predicted);
+    with `tta`, also test/acc_tta: each image scored with its mirror image, the mean of the two views' logits."""
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    logits = torch.from_numpy(
-        np.concatenate([model.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-    )
+    def logits_of(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(
+            np.concatenate([model.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        )
+
+    logits = logits_of(images)
     target = torch.from_numpy(labels)
+    flipped = {}
+    if tta:  # N×C×H×W: the last axis is the width
+        tta_logits = (logits + logits_of(np.ascontiguousarray(images[..., ::-1]))) / 2
+        flipped = {"test/acc_tta": float((tta_logits.argmax(1) == target).float().mean())}
     confusion = multiclass_confusion_matrix(logits.argmax(1), target, len(model.classes))
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
     present = confusion.sum(1) > 0  # a labelled folder may hold only some of the classes
     return {
         "test/acc": float((logits.argmax(1) == target).float().mean()),
         "test/loss": float(nn.functional.cross_entropy(logits, target)),
+        **flipped,
         **{
             f"test/acc_class/{name}": float(acc)
             for name, acc, has in zip(model.classes, per_class, present, strict=True)

@@ -1,5 +1,6 @@
 """The LightningModule: a classifier around any network, with its loss, metrics, logging and optimizer."""
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -26,16 +27,20 @@ class LitClassifier(LightningModule):
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         num_classes: int = 10,
         model_config: dict | None = None,  # the config that built `net` (plain data), kept in checkpoints
+        criterion: nn.Module | None = None,  # the training loss; None: nn.CrossEntropyLoss()
+        tta: bool = False,  # the test also scores each image with its mirror image: test/acc_tta
     ):
         super().__init__()
         # Checkpoints keep num_classes and the model's config as plain data (no pickled classes); the network
         # is rebuilt from that config (cnnlab.inference), the optimizer from the run's.
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "criterion"], logger=False)
         self.net = net
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.criterion = nn.CrossEntropyLoss()
+        # Training minimises `criterion` (e.g. CrossEntropyLoss(label_smoothing=0.1)); val/loss and test/loss are
+        # the plain cross-entropy whatever it is, so runs with different losses compare.
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.accuracy = nn.ModuleDict(
-            {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("val", "test")}
+            {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("val", "test", "test_tta")}
         )
         # The training epoch's loss and accuracy as running sums (loss × images, correct predictions) on the
         # model's device, and a count of images. One small in-place add per step, ~0.07 ms; torchmetrics' updates
@@ -75,7 +80,8 @@ class LitClassifier(LightningModule):
         images, labels = batch
         logits = self(images)
         self.accuracy[stage].update(logits, labels)
-        self.log(f"{stage}/loss", self.criterion(logits, labels), prog_bar=stage == "val", sync_dist=True)
+        loss = nn.functional.cross_entropy(logits, labels)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/acc", self.accuracy[stage], prog_bar=stage == "val")
         return logits
 
@@ -83,7 +89,14 @@ class LitClassifier(LightningModule):
         self.eval_step(batch, "val")
 
     def test_step(self, batch, batch_idx):
-        self.test_confusion.update(self.eval_step(batch, "test"), batch[1])
+        logits = self.eval_step(batch, "test")  # test/acc stays single-view, comparable with every other run
+        self.test_confusion.update(logits, batch[1])
+        if self.hparams.tta:
+            # Test-time augmentation: a mirrored CIFAR image is as likely as the image itself (training flips
+            # them), so the mean of the two views' logits is a better guess than either alone.
+            tta_logits = (logits + self(batch[0].flip(3))) / 2  # flip(3): the width axis of B×C×H×W
+            self.accuracy["test_tta"].update(tta_logits, batch[1])
+            self.log("test/acc_tta", self.accuracy["test_tta"])
 
     def on_test_epoch_end(self) -> None:
         """Per-class test accuracy as scalars, and the confusion matrix as an image in TensorBoard."""
@@ -141,4 +154,9 @@ class LitClassifier(LightningModule):
         optimizer = self.optimizer(params=self.parameters())
         if self.scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}
+        if "total_steps" in inspect.signature(self.scheduler.func).parameters:
+            # A schedule over the run's optimizer steps (OneCycleLR: warm-up, then decay), stepped after each batch;
+            # Lightning counts the steps (epochs × batches per epoch, per process).
+            scheduler = self.scheduler(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}  # stepped each epoch

@@ -43,6 +43,8 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         num_classes=cfg.model.num_classes,
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
+        criterion=make(cfg.loss) if cfg.get("loss") else None,
+        tta=cfg.data.get("tta", False),
     )
     # A callback or logger set to null (callbacks.inside=null) is left out.
     loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -66,7 +68,8 @@ def hyperparameters(cfg: DictConfig) -> dict:
     """What tells runs apart, for TensorBoard's HPARAMS tab, under short names: no `_target_`s and no paths (the
     whole config stays in the run's .hydra/config.yaml). TensorBoard sorts the names and shows the first five
     at first: augment, batch_size, epochs, lr, optimizer; then model.* (the network's settings given on the
-    command line, as a sweep does), optimizer.* and scheduler.* settings, precision, scheduler, seed."""
+    command line, as a sweep does), optimizer.* and scheduler.* settings, precision, scheduler, seed, and the
+    levers of experiment=best: smoothing (loss.label_smoothing), weight_ema (its decay)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     optimizer, scheduler = config.get("optimizer") or {}, config.get("scheduler") or {}
     data, trainer, model = config.get("data") or {}, config.get("trainer") or {}, config.get("model") or {}
@@ -79,6 +82,8 @@ def hyperparameters(cfg: DictConfig) -> dict:
         "batch_size": data.get("batch_size"),
         "precision": trainer.get("precision"),
         "augment": data.get("augment"),
+        "smoothing": (config.get("loss") or {}).get("label_smoothing"),  # names that sort after the first five
+        "weight_ema": ((config.get("callbacks") or {}).get("ema") or {}).get("decay"),  # None: no EMA
         "epochs": trainer.get("max_epochs"),
         "seed": config.get("seed"),
         **{f"model.{key}": model[key] for key in overridden("model") if key in model},
@@ -106,6 +111,9 @@ def train(cfg: DictConfig) -> dict | None:
     resume_from, checkpoint = None, None
     if cfg.get("ckpt_path") is not None:
         resume_from = resume.find_checkpoint(str(cfg.ckpt_path), cfg.outputs_root)
+    else:  # a SLURM job requeued after pre-emption goes on from where it stopped
+        resume_from = resume.requeued_checkpoint(cfg.output_dir)
+    if resume_from is not None:
         checkpoint = resume.load_checkpoint(resume_from)
         log.info(f"resuming from {resume_from} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}) "
                  f"in {cfg.output_dir}")  # fmt: skip
@@ -124,6 +132,7 @@ def train(cfg: DictConfig) -> dict | None:
     metrics = {
         "test/acc": tested[0]["test/acc"],
         "test/loss": tested[0]["test/loss"],
+        **{key: tested[0][key] for key in ("test/acc_tta",) if key in tested[0]},  # data.tta=true
         "val/acc_best": best_val_acc(module),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
@@ -161,8 +170,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     model = inference.load_model(str(cfg.ckpt_path), cfg.outputs_root, fallback=from_config)
     images, labels, model.description["classes"] = inference.evaluation_set(cfg.data, model.classes, model.image_size)
-    metrics = {**inference.score(model, images, labels, cfg.data.eval_batch_size), "ckpt_path": str(model.source),
-               "run_dir": cfg.output_dir}  # fmt: skip
+    scores = inference.score(model, images, labels, cfg.data.eval_batch_size, tta=cfg.data.get("tta", False))
+    metrics = {**scores, "ckpt_path": str(model.source), "run_dir": cfg.output_dir}
     inference.plot_confusion(metrics["confusion_matrix"], model.classes, Path(cfg.output_dir) / "confusion_matrix.png")
     log.info(f"test/acc={metrics['test/acc']:.4f} test/loss={metrics['test/loss']:.4f} on {len(labels)} images")
     return write_metrics(metrics, cfg.output_dir)

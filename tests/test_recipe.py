@@ -1,0 +1,77 @@
+"""The levers past the slides (experiment=best): each a config option on torch's or Lightning's own code."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from cnnlab.train import build, evaluate, train
+from tests.conftest import compose_config
+
+
+def test_label_smoothing_is_the_training_loss_and_the_reported_losses_stay_plain(tiny_overrides, monkeypatch):
+    cfg = compose_config("train", [*tiny_overrides, "loss.label_smoothing=0.3", "model.dropout=0",
+                                   "trainer.log_every_n_steps=50"])  # fmt: skip
+    datamodule, module, trainer = build(cfg)
+    module.trainer = trainer
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.setdefault(name, value))
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
+    with torch.no_grad():
+        logits = module(images)
+        loss = float(module.training_step((images, labels), 0))
+    assert loss == pytest.approx(float(nn.functional.cross_entropy(logits, labels, label_smoothing=0.3)))
+    assert loss != pytest.approx(float(nn.functional.cross_entropy(logits, labels)))
+    with torch.no_grad():
+        module.eval_step((images, labels), "val")
+    assert logged["val/loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)))
+
+
+def test_one_cycle_warms_up_then_decays_once_per_step(tiny_overrides, tmp_path):
+    overrides = ["optimizer=sgd_onecycle", "optimizer.lr=0.05", "trainer.max_epochs=3",
+                 "callbacks.lr_monitor.logging_interval=step"]  # fmt: skip
+    metrics = train(compose_config("train", [*tiny_overrides, *overrides]))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    lrs = [event.value for event in events.Scalars("lr-SGD")]
+    assert len(lrs) == metrics["global_step"]  # one value per optimizer step: 3 epochs × 3 batches of 16
+    peak = lrs.index(max(lrs))
+    assert lrs[0] == pytest.approx(0.05 / 25)  # OneCycleLR's start: max_lr / div_factor
+    assert max(lrs) == pytest.approx(0.05, rel=0.1) and 0 < peak < len(lrs) // 2  # warm-up: 20 % of the steps
+    assert lrs[: peak + 1] == sorted(lrs[: peak + 1]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+    assert lrs[-1] < 0.05 / 25
+
+
+def test_ema_weights_are_validated_tested_and_saved(tiny_overrides, tmp_path):
+    metrics = train(compose_config("train", [*tiny_overrides, "callbacks=ema", "callbacks.ema.decay=0.5"]))
+    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
+    averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert not torch.equal(averaged["net.conv1.weight"], current["net.conv1.weight"])
+    # eval loads the checkpoint's state_dict: the run's test used the same (averaged) weights
+    evaluated = evaluate(compose_config("eval", [*tiny_overrides, f"ckpt_path={metrics['best_checkpoint']}",
+                                                 f"output_dir={tmp_path / 'eval'}"]))  # fmt: skip
+    assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)
+
+
+def test_flip_tta_is_reported_beside_the_single_view_accuracy(tiny_overrides, tmp_path):
+    single = train(compose_config("train", tiny_overrides))
+    assert "test/acc_tta" not in single
+    metrics = train(compose_config("train", [*tiny_overrides, "data.tta=true", f"output_dir={tmp_path / 'tta'}"]))
+    assert metrics["test/acc"] == pytest.approx(single["test/acc"])  # the same run; TTA only adds a number
+    # by hand: the best checkpoint's logits, image and mirror image averaged
+    datamodule, module, _ = build(compose_config("train", tiny_overrides))
+    module.load_state_dict(torch.load(metrics["best_checkpoint"], weights_only=True)["state_dict"])
+    datamodule.setup("test")
+    images, labels = datamodule.splits["test"]
+    module.eval()
+    with torch.no_grad():
+        x = datamodule.normalize(images)
+        logits = (module(x) + module(x.flip(3))) / 2
+    by_hand = float((logits.argmax(1) == labels).float().mean())
+    assert metrics["test/acc_tta"] == pytest.approx(by_hand)
+    evaluated = evaluate(compose_config("eval", [*tiny_overrides, "data.tta=true", f"ckpt_path={metrics['best_checkpoint']}",
+                                                 f"output_dir={tmp_path / 'eval'}"]))  # fmt: skip
+    assert evaluated["test/acc_tta"] == pytest.approx(by_hand)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc_tta"] == evaluated["test/acc_tta"]
