@@ -24,31 +24,47 @@ SPEED = ["model.channels_last=true", "trainer.precision=bf16-mixed"]  # fast_cpu
 AUGMENT = ["data.augment=true", "data.tta=true"]  # data.tta: test/acc_tta reported beside test/acc
 LONG = ["trainer.max_epochs=40"]
 ONECYCLE = ["optimizer=sgd_onecycle", "optimizer.nesterov=false", "optimizer.weight_decay=0"]
+CHOSEN = "CHOSEN_AUGMENT"  # replaced by the crop padding of step 05 or 06, whichever has the better val/acc_best
 
 # (step, what it adds, all of its overrides); each step keeps the one before it unless it says otherwise.
 STEPS = [
     ("00-option2", "the slides' Option 2: SGD + StepLR, fp32, batch 64, 20 epochs", ["optimizer=sgd_steplr"]),
     ("01-bf16", "bf16 autocast + channels_last (speed only)", ["optimizer=sgd_steplr", *SPEED]),
     ("02-flip", "random horizontal flip", ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=0"]),
-    ("03-crop2", "random crop, 2-pixel padding, + flip", ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=2"]),
-    ("04-crop4", "random crop, 4-pixel padding, + flip", ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=4"]),
-    ("05-epochs40", "40 epochs (StepLR's step at 20)",
-     ["optimizer=sgd_steplr", *SPEED, *AUGMENT, *LONG, "scheduler.step_size=20"]),
-    ("06-onecycle", "one-cycle schedule: warm-up 20 % to lr 0.02, linear decay", [*ONECYCLE, *SPEED, *AUGMENT, *LONG]),
-    ("07-smoothing", "label smoothing 0.1", [*ONECYCLE, *SPEED, *AUGMENT, *LONG, "loss.label_smoothing=0.1"]),
-    ("08-decay", "weight decay 5e-4",
-     [*ONECYCLE, *SPEED, *AUGMENT, *LONG, "loss.label_smoothing=0.1", "optimizer.weight_decay=0.0005"]),
-    ("09-nesterov", "Nesterov momentum",
-     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, *LONG, "loss.label_smoothing=0.1"]),
-    ("10-ema", "EMA of the weights (decay 0.999)",
-     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, *LONG, "loss.label_smoothing=0.1", "callbacks=ema"]),
-    ("11-dropout", "dropout 0.5 → 0.25",
-     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, *LONG, "loss.label_smoothing=0.1", "callbacks=ema",
+    ("03-crop2", "random crop, 2-pixel padding, + flip",
+     ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=2"]),
+    ("04-crop4", "random crop, 4-pixel padding, + flip",
+     ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=4"]),
+    ("05-epochs40", "40 epochs (StepLR's step at 20), flip only",
+     ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=0", *LONG, "scheduler.step_size=20"]),
+    ("06-crop2-40", "40 epochs, random crop (2-pixel padding) + flip",
+     ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=2", *LONG, "scheduler.step_size=20"]),
+    # From here on: the better of 05 and 06 on validation (CHOSEN_AUGMENT).
+    ("07-onecycle", "one-cycle schedule: warm-up (20 %) to lr 0.02, linear decay",
+     [*ONECYCLE, *SPEED, *AUGMENT, CHOSEN, *LONG]),
+    ("08-smoothing", "label smoothing 0.1", [*ONECYCLE, *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1"]),
+    ("09-decay", "weight decay 5e-4",
+     [*ONECYCLE, *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1", "optimizer.weight_decay=0.0005"]),
+    ("10-nesterov", "Nesterov momentum",
+     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1"]),
+    ("11-ema", "EMA of the weights (decay 0.999)",
+     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1", "callbacks=ema"]),
+    ("12-dropout", "dropout 0.5 → 0.25",
+     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1", "callbacks=ema",
       "model.dropout=0.25"]),
-    ("12-batch128", "batch 128, lr 0.04",
-     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, *LONG, "loss.label_smoothing=0.1", "callbacks=ema",
+    ("13-batch128", "batch 128, lr 0.04",
+     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1", "callbacks=ema",
       "model.dropout=0.25", "data.batch_size=128", "optimizer.lr=0.04"]),
 ]  # fmt: skip
+
+
+def chosen_augment() -> str:
+    """Flip only, or random crop + flip, for the 40-epoch steps: whichever validated better at 40 epochs."""
+    val = {
+        step: json.loads((OUT / step / "metrics.json").read_text())["val/acc_best"]
+        for step in ("05-epochs40", "06-crop2-40")
+    }
+    return "data.crop_padding=0" if val["05-epochs40"] >= val["06-crop2-40"] else "data.crop_padding=2"
 
 
 def run(step: str, overrides: list[str], data: str) -> None:
@@ -57,6 +73,7 @@ def run(step: str, overrides: list[str], data: str) -> None:
         return
     while (OUT / "PAUSE").exists():
         time.sleep(5)
+    overrides = [chosen_augment() if o == CHOSEN else o for o in overrides]
     command = [sys.executable, str(ROOT / "src/train.py"), *overrides, f"data.root={data}", "seed=0",
                "callbacks.inside=null", f"hydra.run.dir={folder}"]  # fmt: skip
     print(f"{step}: {' '.join(command[1:])}", flush=True)
@@ -97,6 +114,7 @@ def main() -> None:
     print("\ncommands: python src/train.py <overrides> seed=0 callbacks.inside=null data.root=...")
     for step, _, overrides in STEPS:
         print(f"  {step}: {' '.join(overrides)}")
+    print(f"  ({CHOSEN}: {chosen_augment() if (OUT / '06-crop2-40' / 'metrics.json').exists() else 'not chosen yet'})")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ IN_PROCESS = {
     ),
     "`model.dropout` outside [0, 1)": (lambda t: ["model.dropout=1.0"], r"model.dropout=1.0 must be in \[0, 1\)"),
     "`loss.label_smoothing` outside [0, 1)": (
-        lambda t: ["loss.label_smoothing=1.0"], r"loss.label_smoothing=1.0 must be in \[0, 1\)"
+        lambda t: ["loss.label_smoothing=1.0"],
+        r"loss.label_smoothing=1.0 must be in \[0, 1\)",
     ),
     "shapes that do not fit (`model.conv2_kernel=20`)": (
         lambda t: ["model.conv2_kernel=20"],
@@ -173,7 +174,8 @@ COMMAND_LINE = {
     ),
     "an unknown option of a group (`optimizer=adamw`)": (
         ["optimizer=adamw"],
-        r"Could not find 'optimizer/adamw'\n\nAvailable options in 'optimizer':\n\tadam\n\tsgd_cosine\n\tsgd_onecycle\n\tsgd_steplr",
+        r"Could not find 'optimizer/adamw'\n\nAvailable options in 'optimizer':"
+        r"\n\tadam\n\tsgd_cosine\n\tsgd_onecycle\n\tsgd_steplr",
     ),
     "a number as the precision group's option (`precision=32`)": (
         ["precision=32"],

@@ -71,7 +71,8 @@ def test_flip_tta_is_reported_beside_the_single_view_accuracy(tiny_overrides, tm
         logits = (module(x) + module(x.flip(3))) / 2
     by_hand = float((logits.argmax(1) == labels).float().mean())
     assert metrics["test/acc_tta"] == pytest.approx(by_hand)
-    evaluated = evaluate(compose_config("eval", [*tiny_overrides, "data.tta=true", f"ckpt_path={metrics['best_checkpoint']}",
+    evaluated = evaluate(compose_config("eval", [*tiny_overrides, "data.tta=true",
+                                                 f"ckpt_path={metrics['best_checkpoint']}",
                                                  f"output_dir={tmp_path / 'eval'}"]))  # fmt: skip
     assert evaluated["test/acc_tta"] == pytest.approx(by_hand)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc_tta"] == evaluated["test/acc_tta"]

@@ -268,7 +268,7 @@ def test_ddp_processes_stop_together_when_only_one_gets_the_signal(tree_archive,
                              env=env)  # fmt: skip
     assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert f"stopped by SIGTERM at epoch 0, step 3; resume with:" in stopped.stderr
+    assert "stopped by SIGTERM at epoch 0, step 3; resume with:" in stopped.stderr
     assert torch_load(last)["global_step"] == 3
     resumed = subprocess.run([*command, f"ckpt_path={last}"], cwd=tmp_path, capture_output=True, text=True,
                              timeout=300, env=env)  # fmt: skip

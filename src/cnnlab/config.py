@@ -221,7 +221,8 @@ def check(cfg: DictConfig) -> None:
             refuse(f"model.num_classes={cfg.model.num_classes} must be ≥ 1")
     smoothing = (cfg.get("loss") or {}).get("label_smoothing", 0.0)
     if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
-        refuse(f"loss.label_smoothing={smoothing!r} must be in [0, 1): the share of each target spread over all classes")
+        refuse(f"loss.label_smoothing={smoothing!r} must be in [0, 1): "
+               f"the share of each target spread over all classes")  # fmt: skip
     lr = (cfg.get("optimizer") or {}).get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0):
         refuse(f"optimizer.lr={lr!r} must be a number ≥ 0, e.g. optimizer.lr=0.001")
