@@ -36,7 +36,7 @@ compare: $(VENV)/.installed  ## sweep OPTIMIZERS × SEEDS (+ ARGS), then report.
 tensorboard: $(VENV)/.installed  ## TensorBoard over every run: http://localhost:6006
 	$(BIN)/tensorboard --logdir outputs
 
-bench: $(VENV)/.installed  ## throughput (ours, bare loop, DataLoader recipe) + time to 70.51 % → docs/benchmarks.md (~11 min)
+bench: $(VENV)/.installed  ## throughput (ours, bare loop, DataLoader recipe) + time to 70.51 % → docs/benchmarks.md (~25 min)
 	$(BIN)/python bench/bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/time_to_accuracy.py --append docs/benchmarks.md
 

@@ -1,12 +1,14 @@
 """The ablation of docs/results.md: from the slides' Option 2 to experiment=best, one lever at a time.
 
-    python bench/ablation.py [--data ../shared/data/cifar10-jpeg.tar.gz] [--only 05-epochs40 ...] [--table]
+    python bench/ablation.py [--data ../shared/data/cifar10-jpeg.tar.gz] [--only 08-dropout25 ...] [--table]
 
 Each step is one `python src/train.py` run (seed 0) into outputs/ablation/<step>/, one after the other; a step
-whose metrics.json is there already is not run again. Every step lists all of its overrides, so each line of the
-table is a command anyone can re-run. `--table` prints the table from the metrics.json files found.
-Takes about an hour on 2 CPU cores. While the file outputs/ablation/PAUSE exists, the next step waits (to run
-something else on the machine between steps without sharing the cores). A benchmark, not a test.
+whose metrics.json is there already is not run again. Steps 01–06 each compare one choice with the step before.
+From step 07 on the selection is greedy, on the validation split only: each step adds one lever to the best
+configuration so far, and the lever is kept if best validation accuracy rises (the test set is never looked at
+to choose). `--table` prints the table from the metrics.json files found, with each step's full overrides.
+While the file outputs/ablation/PAUSE exists, the next step waits (to run something else on the machine
+between steps without sharing the cores). About an hour and a half on 2 CPU cores. A benchmark, not a test.
 """
 
 import argparse
@@ -22,12 +24,10 @@ OUT = ROOT / "outputs" / "ablation"
 
 SPEED = ["model.channels_last=true", "trainer.precision=bf16-mixed"]  # fast_cpu's speed settings: the same math
 AUGMENT = ["data.augment=true", "data.tta=true"]  # data.tta: test/acc_tta reported beside test/acc
-LONG = ["trainer.max_epochs=40"]
-ONECYCLE = ["optimizer=sgd_onecycle", "optimizer.nesterov=false", "optimizer.weight_decay=0"]
-CHOSEN = "CHOSEN_AUGMENT"  # replaced by the crop padding of step 05 or 06, whichever has the better val/acc_best
+STEP_LR_40 = ["optimizer=sgd_steplr", "trainer.max_epochs=40", "scheduler.step_size=20"]
 
-# (step, what it adds, all of its overrides); each step keeps the one before it unless it says otherwise.
-STEPS = [
+# Steps with all of their overrides: each compares one choice with the step before it.
+FIXED = [
     ("00-option2", "the slides' Option 2: SGD + StepLR, fp32, batch 64, 20 epochs", ["optimizer=sgd_steplr"]),
     ("01-bf16", "bf16 autocast + channels_last (speed only)", ["optimizer=sgd_steplr", *SPEED]),
     ("02-flip", "random horizontal flip", ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=0"]),
@@ -36,44 +36,67 @@ STEPS = [
     ("04-crop4", "random crop, 4-pixel padding, + flip",
      ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=4"]),
     ("05-epochs40", "40 epochs (StepLR's step at 20), flip only",
-     ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=0", *LONG, "scheduler.step_size=20"]),
+     [*STEP_LR_40, *SPEED, *AUGMENT, "data.crop_padding=0"]),
     ("06-crop2-40", "40 epochs, random crop (2-pixel padding) + flip",
-     ["optimizer=sgd_steplr", *SPEED, *AUGMENT, "data.crop_padding=2", *LONG, "scheduler.step_size=20"]),
-    # From here on: the better of 05 and 06 on validation (CHOSEN_AUGMENT).
-    ("07-onecycle", "one-cycle schedule: warm-up (20 %) to lr 0.02, linear decay",
-     [*ONECYCLE, *SPEED, *AUGMENT, CHOSEN, *LONG]),
-    ("08-smoothing", "label smoothing 0.1", [*ONECYCLE, *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1"]),
-    ("09-decay", "weight decay 5e-4",
-     [*ONECYCLE, *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1", "optimizer.weight_decay=0.0005"]),
-    ("10-nesterov", "Nesterov momentum",
-     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1"]),
-    ("11-ema", "EMA of the weights (decay 0.999)",
-     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1", "callbacks=ema"]),
-    ("12-dropout", "dropout 0.5 → 0.25",
-     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1", "callbacks=ema",
-      "model.dropout=0.25"]),
-    ("13-batch128", "batch 128, lr 0.04",
-     ["optimizer=sgd_onecycle", *SPEED, *AUGMENT, CHOSEN, *LONG, "loss.label_smoothing=0.1", "callbacks=ema",
-      "model.dropout=0.25", "data.batch_size=128", "optimizer.lr=0.04"]),
+     [*STEP_LR_40, *SPEED, *AUGMENT, "data.crop_padding=2"]),
+]  # fmt: skip
+# Greedy steps: (step, what it adds, the lever's overrides), added to the best configuration so far, which
+# starts as the better of 05 and 06 on validation. A lever's `optimizer=` drops the optimizer and scheduler
+# overrides before it; `++key=value` sets a key whether the optimizer's file has it or not.
+GREEDY = [
+    ("07-onecycle", "one-cycle schedule: warm-up (first 20 % of the steps) to lr 0.02, then linear decay",
+     ["optimizer=sgd_onecycle", "optimizer.nesterov=false", "optimizer.weight_decay=0"]),
+    ("08-dropout25", "dropout 0.5 → 0.25", ["model.dropout=0.25"]),
+    ("09-dropout0", "dropout → 0", ["model.dropout=0"]),
+    ("10-epochs60", "60 epochs (StepLR's step at 30)", ["trainer.max_epochs=60", "++scheduler.step_size=30"]),
+    ("11-smoothing", "label smoothing 0.1", ["loss.label_smoothing=0.1"]),
+    ("12-ema", "EMA of the weights (decay 0.999)", ["callbacks=ema"]),
+    ("13-decay", "weight decay 5e-4", ["++optimizer.weight_decay=0.0005"]),
+    ("14-nesterov", "Nesterov momentum", ["++optimizer.nesterov=true"]),
+    ("15-batch128", "batch 128, lr × 2", ["data.batch_size=128", "++optimizer.lr=0.02"]),
 ]  # fmt: skip
 
 
-def chosen_augment() -> str:
-    """Flip only, or random crop + flip, for the 40-epoch steps: whichever validated better at 40 epochs."""
-    val = {
-        step: json.loads((OUT / step / "metrics.json").read_text())["val/acc_best"]
-        for step in ("05-epochs40", "06-crop2-40")
-    }
-    return "data.crop_padding=0" if val["05-epochs40"] >= val["06-crop2-40"] else "data.crop_padding=2"
+def key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
 
 
-def run(step: str, overrides: list[str], data: str) -> None:
+def combine(base: list[str], lever: list[str]) -> list[str]:
+    """The base overrides with the lever's: a lever's key replaces the base's; a new optimizer drops the old
+    optimizer's and scheduler's settings."""
+    keys = {key(o) for o in lever}
+    if "optimizer" in keys:
+        base = [o for o in base if not key(o).startswith(("optimizer.", "scheduler."))]
+    return [o for o in base if key(o) not in keys] + lever
+
+
+def val_acc(step: str) -> float | None:
+    path = OUT / step / "metrics.json"
+    return json.loads(path.read_text())["val/acc_best"] if path.exists() else None
+
+
+def plan() -> list[tuple[str, str, list[str], bool | None]]:
+    """Every step with its full overrides and, for greedy steps already run, whether its lever was kept."""
+    steps = [(step, adds, overrides, None) for step, adds, overrides in FIXED]
+    start = max(("05-epochs40", "06-crop2-40"), key=lambda step: val_acc(step) or 0)
+    base = dict((step, overrides) for step, _, overrides in FIXED)[start]
+    best = val_acc(start)
+    for step, adds, lever in GREEDY:
+        overrides = combine(base, lever)
+        acc = val_acc(step)
+        kept = None if acc is None else acc > best
+        if kept:
+            base, best = overrides, acc
+        steps.append((step, adds, overrides, kept))
+        if acc is None:  # the steps after it depend on it
+            break
+    return steps
+
+
+def run(step: str, overrides: list[str], data: str) -> bool:
     folder = OUT / step
-    if (folder / "metrics.json").exists():
-        return
     while (OUT / "PAUSE").exists():
         time.sleep(5)
-    overrides = [chosen_augment() if o == CHOSEN else o for o in overrides]
     command = [sys.executable, str(ROOT / "src/train.py"), *overrides, f"data.root={data}", "seed=0",
                "callbacks.inside=null", f"hydra.run.dir={folder}"]  # fmt: skip
     print(f"{step}: {' '.join(command[1:])}", flush=True)
@@ -81,22 +104,24 @@ def run(step: str, overrides: list[str], data: str) -> None:
         done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     if done.returncode != 0:
         print(f"{step}: failed (exit {done.returncode}), see {OUT / f'{step}.log'}", flush=True)
+    return done.returncode == 0
 
 
 def table() -> str:
     lines = [
-        "| step | adds | best val acc | test acc | test acc, flip TTA | epochs | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| step | adds | kept? | best val acc | test acc | test acc, flip TTA | epochs | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for step, adds, _ in STEPS:
+    for step, adds, _, kept in plan():
         path = OUT / step / "metrics.json"
         if not path.exists():
             continue
         m = json.loads(path.read_text())
         tta = f"{m['test/acc_tta']:.2%}" if "test/acc_tta" in m else "–"
-        lines.append(f"| {step} | {adds} | {m['val/acc_best']:.2%} | {m['test/acc']:.2%} | {tta} | {m['epochs']} | "
-                     f"{m['wall_s']:.0f} |")  # fmt: skip
-    return "\n".join(lines).replace("%", " %")
+        verdict = {None: "", True: "yes", False: "no"}[kept]
+        lines.append(f"| {step} | {adds} | {verdict} | {m['val/acc_best']:.2%} | {m['test/acc']:.2%} | {tta} | "
+                     f"{m['epochs']} | {m['wall_s']:.0f} |")  # fmt: skip
+    return "\n".join(lines).replace(" %", " %").replace("% |", " % |")
 
 
 def main() -> None:
@@ -106,15 +131,18 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="only print the table of the steps already run")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    if not args.table:
-        for step, _, overrides in STEPS:
-            if args.only is None or step in args.only:
-                run(step, overrides, args.data)
+    names = [step for step, _, _ in FIXED + GREEDY]
+    while not args.table:
+        pending = [(s, o) for s, _, o, _ in plan() if val_acc(s) is None and (args.only is None or s in args.only)]
+        if not pending or pending[0][0] not in names:
+            break
+        step, overrides = pending[0]
+        if not run(step, overrides, args.data):
+            break
     print(table())
     print("\ncommands: python src/train.py <overrides> seed=0 callbacks.inside=null data.root=...")
-    for step, _, overrides in STEPS:
+    for step, _, overrides, _ in plan():
         print(f"  {step}: {' '.join(overrides)}")
-    print(f"  ({CHOSEN}: {chosen_augment() if (OUT / '06-crop2-40' / 'metrics.json').exists() else 'not chosen yet'})")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,10 @@ docs/accuracy-vs-time.png. About 20 minutes on 2 CPU cores. A benchmark, not a t
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.time_to_accuracy import ROOT, TARGET, measure  # noqa: E402
+from time_to_accuracy import ROOT, TARGET, measure  # beside this file
 
 SETTINGS = {  # label: overrides
     "Option 1 (slides): Adam": [],
@@ -53,11 +51,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
     parser.add_argument("--plot-only", action="store_true", help=f"plot {RECORD.name} again without training")
+    parser.add_argument("--only-label", nargs="+", choices=list(SETTINGS), help="train only these settings")
     args = parser.parse_args()
     curves = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     if not args.plot_only:
         for label, overrides in SETTINGS.items():
-            if label in curves:
+            if label in curves or (args.only_label and label not in args.only_label):
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 result = measure(overrides, args.data, Path(tmp), target=1.01)  # never stops early

@@ -220,3 +220,15 @@ def test_a_checkpoint_every_n_train_steps_resumes_mid_epoch(tiny_overrides, tmp_
     assert torch.load(last, weights_only=True)["global_step"] == 6
     train(compose_config("train", [*tiny_overrides, *SETTINGS, *every_6, f"output_dir={run}", f"ckpt_path={last}"]))
     assert all(torch.equal(weights(run)[k], w) for k, w in weights(ref_run).items())
+
+
+def test_only_a_job_started_again_by_submitit_resumes_from_its_own_folder(tmp_path, monkeypatch):
+    from cnnlab.resume import requeued_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert requeued_checkpoint(tmp_path) is None  # a submitit job's first start: no checkpoint yet
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert requeued_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last.ckpt"  # started again
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    assert requeued_checkpoint(tmp_path) is None  # a plain run never picks up a checkpoint by itself
