@@ -13,6 +13,7 @@ still prepares its samples on the CPU, as its tutorials do). Benchmarks are not 
 """
 
 import argparse
+import inspect
 import os
 import platform
 import statistics
@@ -99,12 +100,18 @@ def bare(args, settings: list[str], arrays) -> float:
     cfg, device = compose_config(settings), args.device
     net = make(cfg.model).to(device)  # converts itself and its input to channels_last when the settings say so
     optimizer = make(cfg.optimizer)(params=net.parameters())  # the settings' optimizer, as train(cfg) makes it
+    criterion = make(cfg.loss)  # and loss (label smoothing in fast_cpu)
     images = torch.from_numpy(arrays.train_images).permute(0, 3, 1, 2).contiguous().to(device)
     labels = torch.from_numpy(arrays.train_labels).to(device)
     mean = torch.tensor(cfg.data.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.data.std, device=device).view(1, -1, 1, 1)
     order, batch_size = torch.randperm(len(labels), device=device), cfg.data.batch_size
     total, warmup = steps(args, batch_size)
+    # A per-step schedule (fast_cpu's OneCycleLR) is stepped after every batch, as Lightning does; an epoch's
+    # schedule does not move within the one epoch timed here.
+    schedule = make(cfg.scheduler) if cfg.get("scheduler") else None
+    per_step = schedule is not None and "total_steps" in inspect.signature(schedule.func).parameters
+    scheduler = schedule(optimizer=optimizer, total_steps=total) if per_step else None
     bf16 = cfg.trainer.precision == "bf16-mixed"
     net.train()
     timed_images = 0
@@ -116,10 +123,12 @@ def bare(args, settings: list[str], arrays) -> float:
         timed_images += len(index) if step >= warmup else 0
         x = (images[index].float() / 255 - mean) / std
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = torch.nn.functional.cross_entropy(net(x), labels[index])
+            loss = criterion(net(x), labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
     synchronize(device)
     return timed_images / (time.perf_counter() - start)
 

@@ -76,3 +76,16 @@ def test_flip_tta_is_reported_beside_the_single_view_accuracy(tiny_overrides, tm
                                                  f"output_dir={tmp_path / 'eval'}"]))  # fmt: skip
     assert evaluated["test/acc_tta"] == pytest.approx(by_hand)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc_tta"] == evaluated["test/acc_tta"]
+
+
+@pytest.mark.parametrize("experiment", ["best", "fast_cpu"])
+def test_the_recipes_past_the_slides_keep_the_slides_network(experiment):
+    from hydra.utils import instantiate
+
+    slides, recipe = compose_config("train", []).model, compose_config("train", [f"experiment={experiment}"]).model
+    net = instantiate(recipe)
+    assert sum(p.numel() for p in net.parameters()) == 56_778
+    layout_only = {"channels_last"}  # the memory layout: the same math
+    assert {k: v for k, v in recipe.items() if k not in layout_only} == {
+        k: v for k, v in slides.items() if k not in layout_only
+    }
