@@ -1,3 +1,4 @@
+import inspect
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,11 @@ def test_every_config_option_composes_and_instantiates(override, tmp_path):
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
     assert isinstance(optimizer, torch.optim.Optimizer)
     if cfg.scheduler:
-        instantiate(cfg.scheduler)(optimizer=optimizer)
+        schedule = instantiate(cfg.scheduler)
+        # a per-step schedule (OneCycleLR) gets the run's step count from LitClassifier.configure_optimizers
+        per_step = "total_steps" in inspect.signature(schedule.func).parameters
+        schedule(optimizer=optimizer, **({"total_steps": 100} if per_step else {}))
+    instantiate(cfg.loss)
     for node in [*(cfg.logger or {}).values(), *(cfg.callbacks or {}).values()]:
         instantiate(node)
     instantiate(cfg.data, _convert_="all")
