@@ -75,24 +75,26 @@ def steps(args, batch_size: int) -> tuple[int, int]:
 
 
 def ours(args, settings: list[str], tmp: Path) -> float:
-    total, warmup = steps(args, compose_config(settings).data.batch_size)
-    cfg = compose_config(
-        [
-            *settings,
-            f"data.root={args.data}",
-            "trainer=gpu" if args.gpu else "trainer=cpu",
-            "trainer.max_epochs=1",
-            f"++trainer.limit_train_batches={total}",
-            "++trainer.limit_val_batches=1",
-            "++trainer.limit_test_batches=1",
-            f"output_dir={tmp}",
-            f"+callbacks.bench_timer._target_={__name__}.StepTimer",
-            f"+callbacks.bench_timer.warmup={warmup}",
-        ]
-    )
-    train(cfg)
+    train(compose_config(ours_overrides(args, settings, tmp)))
     timer = StepTimer.last
     return timer.images / (timer.end - timer.start)
+
+
+def ours_overrides(args, settings: list[str], tmp: Path) -> list[str]:
+    """The settings, plus one epoch cut to the timed steps and the timer (tests/test_bench.py composes them)."""
+    total, warmup = steps(args, compose_config(settings).data.batch_size)
+    return [
+        *settings,
+        f"data.root={args.data}",
+        "trainer=gpu" if args.gpu else "trainer=cpu",
+        "trainer.max_epochs=1",
+        f"++trainer.limit_train_batches={total}",
+        "++trainer.limit_val_batches=1",
+        "++trainer.limit_test_batches=1",
+        f"output_dir={tmp}",
+        f"+callbacks.bench_timer._target_={__name__}.StepTimer",
+        f"+callbacks.bench_timer.warmup={warmup}",
+    ]
 
 
 def bare(args, settings: list[str], arrays) -> float:
