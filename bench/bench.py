@@ -13,7 +13,6 @@ still prepares its samples on the CPU, as its tutorials do). Benchmarks are not 
 """
 
 import argparse
-import inspect
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ from torchvision import transforms
 
 import cnnlab.config  # noqa: F401  (resolvers and schemas)
 from cnnlab.data import load_cifar10
+from cnnlab.module import per_step
 from cnnlab.train import make, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +112,7 @@ def bare(args, settings: list[str], arrays) -> float:
     # A per-step schedule (fast_cpu's OneCycleLR) is stepped after every batch, as Lightning does; an epoch's
     # schedule does not move within the one epoch timed here.
     schedule = make(cfg.scheduler) if cfg.get("scheduler") else None
-    per_step = schedule is not None and "total_steps" in inspect.signature(schedule.func).parameters
-    scheduler = schedule(optimizer=optimizer, total_steps=total) if per_step else None
+    scheduler = schedule(optimizer=optimizer, total_steps=total) if schedule and per_step(schedule) else None
     bf16 = cfg.trainer.precision == "bf16-mixed"
     net.train()
     timed_images = 0

@@ -1,4 +1,3 @@
-import inspect
 from pathlib import Path
 
 import pytest
@@ -6,6 +5,7 @@ import torch
 from hydra.utils import instantiate
 
 from cnnlab.config import run_name, unique_dir
+from cnnlab.module import per_step
 from tests.conftest import CONF, compose_config
 
 GROUP_OPTIONS = [
@@ -30,8 +30,7 @@ def test_every_config_option_composes_and_instantiates(override, tmp_path):
     if cfg.scheduler:
         schedule = instantiate(cfg.scheduler)
         # a per-step schedule (OneCycleLR) gets the run's step count from LitClassifier.configure_optimizers
-        per_step = "total_steps" in inspect.signature(schedule.func).parameters
-        schedule(optimizer=optimizer, **({"total_steps": 100} if per_step else {}))
+        schedule(optimizer=optimizer, **({"total_steps": 100} if per_step(schedule) else {}))
     instantiate(cfg.loss)
     for node in [*(cfg.logger or {}).values(), *(cfg.callbacks or {}).values()]:
         instantiate(node)

@@ -13,6 +13,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from cnnlab import UserError
 
 
+def per_step(scheduler: Callable) -> bool:
+    """A scheduler partial that takes `total_steps` (OneCycleLR) is a schedule over the run's optimizer steps,
+    stepped after each batch; the others are stepped once an epoch."""
+    return "total_steps" in inspect.signature(scheduler.func).parameters
+
+
 class LitClassifier(LightningModule):
     """Cross-entropy on logits, accuracy from torchmetrics (validation, test), metrics logged as `stage/metric`.
 
@@ -154,7 +160,7 @@ class LitClassifier(LightningModule):
         optimizer = self.optimizer(params=self.parameters())
         if self.scheduler is None:
             return optimizer
-        if "total_steps" in inspect.signature(self.scheduler.func).parameters:
+        if per_step(self.scheduler):
             # A schedule over the run's optimizer steps (OneCycleLR: warm-up, then decay), stepped after each batch;
             # Lightning counts the steps (epochs × batches per epoch, per process).
             scheduler = self.scheduler(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
