@@ -18,6 +18,7 @@ position through its state_dict (cnnlab.data.TensorBatches). What it leaves to u
 """
 
 import logging
+import math
 import os
 import random
 import shlex
@@ -297,7 +298,7 @@ class RunGuard(Callback):
         raise Interrupted(requested, path, f"at epoch {trainer.current_epoch}, step {trainer.global_step}")
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        if not self.stop_on_nonfinite_loss or torch.isfinite(loss).all():
+        if not self.stop_on_nonfinite_loss or math.isfinite(loss.item()):  # a scalar: .item() is the cheap check
             return
         path = checkpoint_file(trainer)
         trainer.save_checkpoint(path)  # the weights are still the last finite ones: no step was taken with them
