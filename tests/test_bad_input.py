@@ -126,6 +126,10 @@ IN_PROCESS = {
         r"trainer.foo is not an option of lightning.Trainer; its options: .*max_epochs",
     ),
     "`seed` that is not an integer": (lambda t: ["seed=abc"], r"seed='abc' is not an integer"),
+    "`keep_freed_memory` that is not a boolean": (
+        lambda t: ["keep_freed_memory=maybe"],
+        r"keep_freed_memory='maybe' is not true or false",
+    ),
     "`ckpt_path` that does not exist": (
         lambda t: [f"ckpt_path={t.tmp_path / 'nope.ckpt'}"],
         r"ckpt_path=.*nope.ckpt: no such checkpoint file",

@@ -1,5 +1,7 @@
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,31 @@ def test_training_epoch_logs_the_mean_loss_and_accuracy_over_its_images(tiny_ove
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
     assert accuracy == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     assert 0 < accuracy < 1  # seed 2: an initial network that gets some right, so a wrong count would show
+
+
+KEEP_FREED_MEMORY = """
+import ctypes, resource, sys, torch
+from cnnlab.train import keep_freed_memory
+def page_faults_of_freeing_64_mb():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        blocks = [torch.ones(2 * 2**20) for _ in range(8)]  # 8 × 8 MB, freed together, as a step frees its own
+        del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+libc = ctypes.CDLL(None)
+libc.mallopt(-3, 128 * 1024), libc.mallopt(-1, 128 * 1024)  # glibc's static thresholds: freed blocks go back
+print(page_faults_of_freeing_64_mb())
+keep_freed_memory(sys.argv[1] == "true")
+page_faults_of_freeing_64_mb()  # the heap grows once
+print(page_faults_of_freeing_64_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_freed_memory_lets_the_next_step_reuse_what_one_step_freed(keep):
+    done = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY, str(keep).lower()], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    assert before > 10_000  # 5 × 64 MB faulted in again: 4 KiB pages
+    assert (after < before / 100) if keep else (after > before / 2)

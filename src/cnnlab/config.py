@@ -205,6 +205,8 @@ def check(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if "seed" in cfg and (not isinstance(seed, int) or isinstance(seed, bool)):
         refuse(f"seed={seed!r} is not an integer: use e.g. seed=0")
+    if not isinstance(cfg.get("keep_freed_memory", True), bool):
+        refuse(f"keep_freed_memory={cfg.keep_freed_memory!r} is not true or false")
     if cfg.get("data") is not None:
         data = cfg.data
         for key in ("batch_size", "eval_batch_size"):
