@@ -388,8 +388,9 @@ class CIFAR10DataModule(LightningDataModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 0–255 → float, minus the per-channel mean, over the per-channel std: (x / 255 − mean) / std,
-        computed as x · scale + shift in place on one float copy. A new batch-sized tensor costs more than the
-        arithmetic: 0.03 ms this way against 0.9 ms with the formula's three temporaries, for a CPU batch of 128."""
+        computed as x · scale + shift in place on one float copy: a new batch-sized tensor costs more than the
+        arithmetic (0.10 ms this way against 0.37 ms with the formula's three temporaries, a fast_cpu batch of 128
+        on 2 CPU cores, timed in a run)."""
         if images.device not in self.scale_shift:
             mean, std = (
                 torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (self.hparams.mean, self.hparams.std)
