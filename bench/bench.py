@@ -329,9 +329,9 @@ def report(args, results: dict[tuple[str, str], list[float]], repeats: int, name
         ratios(f"… of which the data path: ours {names[0]} / usual", ("ours", names[0]), usual),
         ratios(f"… and the settings: ours {fast} / ours {names[0]}", ("ours", fast), ("ours", names[0])),
         "",
-        f"{args.epochs * args.images - args.warmup_images:,} timed images after {args.warmup_images:,} warm-up images "
-        f"({args.epochs} epoch{'s' * (args.epochs > 1)} of {args.images:,} for ours and bare, the usual recipe "
-        f"one), {repeats} repeats. Machine: {machine_name(args.device)}; "
+        f"Timed images per repeat: {args.epochs * args.images - args.warmup_images:,} for ours and bare ({args.epochs} "
+        f"× {args.images:,}, less {args.warmup_images:,} of warm-up), {args.images - args.warmup_images:,} for the "
+        f"usual recipe; {repeats} repeats. Machine: {machine_name(args.device)}; "
         f"torch {torch.__version__}, lightning {L.__version__}, Python {platform.python_version()}.",
     ]
     return "\n".join(lines) + "\n"
