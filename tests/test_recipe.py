@@ -1,12 +1,17 @@
 """The levers past the slides (experiment=best): each a config option on torch's or Lightning's own code."""
 
 import json
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from cnnlab import inference
+from cnnlab.data import TensorBatches
+from cnnlab.module import LitClassifier
 from cnnlab.train import build, evaluate, train
 from tests.conftest import compose_config
 
@@ -89,3 +94,28 @@ def test_the_recipes_past_the_slides_keep_the_slides_network(experiment):
     assert {k: v for k, v in recipe.items() if k not in tunable} == {
         k: v for k, v in slides.items() if k not in tunable
     }
+
+
+def mirror_sensitive_net() -> nn.Module:
+    """Images of 1×1×2 pixels (left, right) → 2 logits: [left − right, 0.2 (left + right)]. An image bright on the
+    left scores [1, 0.2] (class 0), its mirror image [−1, 0.2] (class 1), their mean [0, 0.2] (class 1)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2, bias=False))
+    net[1].weight.data = torch.tensor([[1.0, -1.0], [0.2, 0.2]])
+    net.input_shape = (1, 1, 2)
+    return net
+
+
+def test_tta_scores_the_mean_of_each_image_and_its_mirror_image_in_training_and_in_eval():
+    images, labels = torch.tensor([[[[1.0, 0.0]]]] * 4), torch.ones(4, dtype=torch.int64)  # class 1, left bright
+    module = LitClassifier(mirror_sensitive_net(), num_classes=2, tta=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    tested = trainer.test(module, dataloaders=TensorBatches(images, labels, batch_size=2, shuffle=False))[0]
+    assert (tested["test/acc"], tested["test/acc_tta"]) == (0.0, 1.0)
+    # eval's path: a uint8 batch through the same network, normalisation x / 255
+    model = inference.Model(
+        Path("net"),
+        {"classes": ["left", "right"]},
+        lambda x: mirror_sensitive_net()(torch.from_numpy(x).float() / 255).detach().numpy(),
+    )
+    scores = inference.score(model, (255 * images).to(torch.uint8).numpy(), labels.numpy(), batch_size=2, tta=True)
+    assert (scores["test/acc"], scores["test/acc_tta"]) == (0.0, 1.0)
