@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import HydraException
 
 from bench import compose_config, machine_name  # bench/bench.py, beside this file
 from cnnlab.train import train
@@ -76,6 +77,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batches", type=int, default=5, help="training batches per epoch")
     args = parser.parse_args()
+    if args.epochs < 2 or args.batches < 1:
+        parser.error("--epochs must be ≥ 2 (a gap is between two epochs) and --batches ≥ 1")
+    try:
+        compose_config(args.settings)
+    except HydraException as err:
+        parser.error(f"--settings {' '.join(args.settings)}: {str(err).splitlines()[0]}")
     lines = [
         "| validation | s per gap between epochs (mean) | of which the validation loop | the rest: checkpoint "
         "writes, logging, hooks |",

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import HydraException
 
 from bench import bare, compose_config, machine_name, ours_overrides  # bench/bench.py, beside this file
 from cnnlab.data import load_cifar10
@@ -142,7 +143,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
-    batch_size = compose_config(args.settings).data.batch_size
+    if not 0 <= args.warmup < args.steps - 1:
+        parser.error(f"--steps {args.steps} must be at least --warmup {args.warmup} + 2 (a timed step after warm-up)")
+    try:
+        batch_size = compose_config(args.settings).data.batch_size
+    except HydraException as err:
+        parser.error(f"--settings {' '.join(args.settings)}: {str(err).splitlines()[0]}")
     args.images, args.warmup_images = args.steps * batch_size, args.warmup * batch_size
     args.epochs, args.gpu, args.device = 1, False, torch.device("cpu")
     arrays = load_cifar10(args.data, download=False, cache_dir=compose_config([]).data.cache_dir)
