@@ -265,8 +265,8 @@ class TensorBatches:
         while self.served < len(self):
             index = shard[self.served * self.batch_size : (self.served + 1) * self.batch_size]
             self.served += 1
-            # index_select: a plain gather of whole rows (0.006 ms for 128 images; indexing with [index] takes
-            # the general advanced-indexing path, ~0.1 ms per tensor on a CPU, measured)
+            # index_select: a plain gather of whole rows (indexing with [index] takes PyTorch's general, slower
+            # advanced-indexing path)
             yield self.images.index_select(0, index), self.labels.index_select(0, index)
 
     def state_dict(self) -> dict:
@@ -388,9 +388,8 @@ class CIFAR10DataModule(LightningDataModule):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 0–255 → float, minus the per-channel mean, over the per-channel std: (x / 255 − mean) / std,
-        computed as x · scale + shift in place on one float copy: a new batch-sized tensor costs more than the
-        arithmetic (0.10 ms this way against 0.37 ms with the formula's three temporaries, a fast_cpu batch of 128
-        on 2 CPU cores, timed in a run)."""
+        computed as x · scale + shift in place on one float copy: on a CPU a new batch-sized tensor costs more
+        than the arithmetic, and the formula as written makes three."""
         if images.device not in self.scale_shift:
             mean, std = (
                 torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (self.hparams.mean, self.hparams.std)

@@ -108,9 +108,10 @@ def keep_freed_memory(keep: bool = True) -> None:
 
     A CPU training step allocates its activations and gradients, tens of MB, and frees them at its end. glibc
     gives freed blocks that large back to the kernel (mmap threshold, heap trimming), so the next step faults
-    the same memory in again page by page: 2,000–8,000 page faults a step with experiment=fast_cpu, where a step
-    takes 15–25 ms (bench/step_breakdown.py). With glibc's largest mmap threshold (32 MiB) and no trimming, the
-    freed memory is reused and a step takes no page faults. The process keeps its largest heap, a few hundred MB."""
+    the same memory in again page by page: 3,476 and 8,395 page faults a fast_cpu step in two runs of
+    `bench/step_breakdown.py --settings experiment=fast_cpu keep_freed_memory=false`. With glibc's largest mmap
+    threshold (32 MiB) and no trimming, the freed memory is reused: 14 faults a step. The process keeps its
+    largest heap."""
     if not keep or not sys.platform.startswith("linux"):
         return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc's (musl's does nothing)
