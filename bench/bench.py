@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import cnnlab.config  # noqa: F401  (resolvers and schemas)
-from cnnlab.data import load_cifar10
+from cnnlab.data import load_cifar10, scale_and_shift
 from cnnlab.module import per_step
 from cnnlab.train import keep_freed_memory, make, train
 
@@ -113,8 +113,7 @@ def bare(args, settings: list[str], arrays, mark=lambda phase: None) -> float:
     criterion = make(cfg.loss)  # and loss (label smoothing in fast_cpu)
     images = torch.from_numpy(arrays.train_images).permute(0, 3, 1, 2).contiguous().to(device)
     labels = torch.from_numpy(arrays.train_labels).to(device)
-    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (cfg.data.mean, cfg.data.std))
-    scale, shift = (t.float().to(device) for t in (1 / (255 * std), -mean / std))  # as the DataModule normalises
+    scale, shift = scale_and_shift(cfg.data.mean, cfg.data.std, device)  # as the DataModule normalises
     order, batch_size = torch.randperm(len(labels), device=device), cfg.data.batch_size
     total, warmup = steps(args, batch_size)
     # A per-step schedule (fast_cpu's OneCycleLR) is stepped after every batch, as Lightning does; an epoch's

@@ -59,7 +59,7 @@ class GapTimer(L.Callback):
 
 
 def measure(settings: list[str], cadence: list[str], args, tmp: Path) -> tuple[float, float]:
-    """Median seconds per gap between epochs, and of it the validation loop's (over all gaps, validated or not)."""
+    """Mean seconds per gap between epochs, and of it the validation loop's (over all gaps, validated or not)."""
     overrides = [
         *settings, *cadence, "trainer=cpu", f"data.root={args.data}", f"trainer.max_epochs={args.epochs}",
         f"++trainer.limit_train_batches={args.batches}", f"output_dir={tmp}",

@@ -39,8 +39,9 @@ from cnnlab.data import load_cifar10
 from cnnlab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ["between steps", "before forward", "forward", "zero_grad", "backward", "before update", "update"]
-PHASES += ["after update"]
+PHASES = [
+    "between steps", "before forward", "forward", "zero_grad", "backward", "before update", "update", "after update",
+]  # fmt: skip
 
 
 class Phases:
@@ -117,22 +118,23 @@ def run_ours(args, tmp: Path) -> tuple[list[dict], float]:
 
 
 def run_bare(args, arrays) -> tuple[list[dict], float]:
-    phases, done, faults = Phases(), [0], [0]  # done: steps finished so far
+    phases, done, faults = Phases(), 0, 0  # done: steps finished so far
 
     def mark(phase: str) -> None:
-        if done[0] < args.warmup:
-            done[0] += phase == "after update"
+        nonlocal done, faults
+        if done < args.warmup:
+            done += phase == "after update"
         elif phase == "start":  # only the first timed step's: later ones start where the last one ended
-            if done[0] == args.warmup:
-                phases.marks, faults[0] = [("start", time.perf_counter())], minor_faults()
+            if done == args.warmup:
+                phases.marks, faults = [("start", time.perf_counter())], minor_faults()
         else:
             phases.mark("between steps" if phase == "data" else phase)  # the loop, gather and normalise
             if phase == "after update":
                 phases.end_step()
-                done[0] += 1
+                done += 1
 
     bare(args, args.settings, arrays, mark)
-    return phases.steps, (minor_faults() - faults[0]) / len(phases.steps)
+    return phases.steps, (minor_faults() - faults) / len(phases.steps)
 
 
 def main() -> None:

@@ -286,6 +286,13 @@ class TensorBatches:
             self.resume_from = state
 
 
+def scale_and_shift(mean: list[float], std: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / 255 − mean) / std as x · scale + shift: 1×C×1×1 float32 tensors, computed in float64 and rounded once,
+    on the CPU (an MPS device has no float64)."""
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
+    return tuple(t.float().to(device) for t in (1 / (255 * std), -mean / std))
+
+
 def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
     """Random crop after zero padding and random horizontal flip, for a whole B×C×H×W batch at once."""
     batch, _, height, width = images.shape
@@ -391,10 +398,6 @@ class CIFAR10DataModule(LightningDataModule):
         computed as x · scale + shift in place on one float copy: on a CPU a new batch-sized tensor costs more
         than the arithmetic, and the formula as written makes three."""
         if images.device not in self.scale_shift:
-            mean, std = (
-                torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (self.hparams.mean, self.hparams.std)
-            )
-            # In float64, rounded to float32 once, on the CPU (an MPS device has no float64).
-            self.scale_shift[images.device] = tuple(t.float().to(images.device) for t in (1 / (255 * std), -mean / std))
+            self.scale_shift[images.device] = scale_and_shift(self.hparams.mean, self.hparams.std, images.device)
         scale, shift = self.scale_shift[images.device]
         return images.to(torch.float32, copy=True).mul_(scale).add_(shift)
