@@ -14,16 +14,19 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers and the con
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from cnnlab import UserError
-    from cnnlab.resume import Interrupted
+    from cnnlab.resume import Diverged, Interrupted
     from cnnlab.sweep import job_failed
-    from cnnlab.train import train  # imported here so that --help does not wait for torch
+    from cnnlab.train import first_process, train  # imported here so that --help does not wait for torch
 
     try:
         metrics = train(cfg)
     except UserError as err:
+        if isinstance(err, Diverged) and not first_process():  # decided by all processes: the first one says it
+            sys.exit(1)
         return job_failed(f"error: {err}", cfg.output_dir)  # exits 1, or lets a sweep go on to its next job
     except Interrupted as stop:  # Ctrl-C, SIGTERM: the checkpoint is written, say how to resume
-        print(stop.report(), file=sys.stderr)
+        if first_process():  # every process stops at the same step: one line for all of them
+            print(stop.report(), file=sys.stderr)
         sys.exit(stop.exit_status)
     if metrics is None:  # another process of a multi-process run: the first one reports
         return None

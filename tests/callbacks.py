@@ -49,24 +49,42 @@ class CrashAt(Callback):
 
 
 class RecordShard(Callback):
-    """Writes, per process and epoch, a fingerprint of every training image it was given, in order:
-    <folder>/shard-<rank>-<epoch>.json."""
+    """Appends, per process and epoch, a fingerprint of every training image it is given, in order, one a line:
+    <folder>/shard-<rank>-<epoch>.txt. A run stopped and resumed adds the rest of its epoch to the same file."""
 
     def __init__(self, folder: str):
-        self.folder, self.seen = Path(folder), []
+        self.folder = Path(folder)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import hashlib
 
         images = batch[0].float().cpu().contiguous()
-        self.seen += [hashlib.sha1(image.numpy().tobytes()).hexdigest()[:16] for image in images]
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        import json
-
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"shard-{trainer.global_rank}-{trainer.current_epoch}.json").write_text(json.dumps(self.seen))
-        self.seen = []
+        with open(self.folder / f"shard-{trainer.global_rank}-{trainer.current_epoch}.txt", "a") as file:
+            file.writelines(hashlib.sha1(image.numpy().tobytes()).hexdigest()[:16] + "\n" for image in images)
+
+
+class DrawOnFirstProcess(Callback):
+    """Draws from torch's global generator before every training step, on the first process only, as a callback
+    that samples something on rank 0 would."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch
+
+        if trainer.global_rank == 0:
+            torch.rand(7)
+
+
+class NanLossAt(Callback):
+    """Turns the images of `steps` training steps from step `step` on into `value` (nan, inf) on process `rank`: a
+    non-finite loss there, and only there."""
+
+    def __init__(self, step: int, rank: int = 0, value: str = "nan", steps: int = 1):
+        self.step, self.rank, self.value, self.steps = step, rank, float(value), steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.step <= trainer.global_step < self.step + self.steps and trainer.global_rank == self.rank:
+            batch[0].fill_(self.value)
 
 
 class RecordThreads(Callback):

@@ -183,6 +183,24 @@ def test_evaluate_the_test_split_matches_training_and_reads_exported_files(train
         assert metrics["test/loss"] == pytest.approx(run_metrics["test/loss"], abs=1e-5)
 
 
+def test_evaluate_runs_on_the_trainers_device(trained, tmp_path, monkeypatch):
+    """On a machine with a GPU (faked: torch says CUDA is there), trainer=cpu keeps the evaluation on the CPU."""
+    moved_to, to = [], torch.nn.Module.to
+
+    def to_cpu_only(module, device, *args, **kwargs):
+        moved_to.append(str(device))
+        return to(module, "cpu", *args, **kwargs)  # this machine has no GPU to move it to
+
+    monkeypatch.setattr(torch.nn.Module, "to", to_cpu_only)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    overrides = [*trained["overrides"], f"ckpt_path={trained['ckpt']}", f"output_dir={tmp_path}"]
+    cfg = compose_config("eval", overrides)
+    assert cfg.trainer.accelerator == "cpu" and evaluate(cfg)["images"] == 20
+    assert moved_to == ["cpu"]  # with accelerator auto it would be cuda
+    with pytest.raises(UserError, match="trainer.accelerator=tpu: src/eval.py runs on auto, cpu, gpu, cuda, mps"):
+        evaluate(compose_config("eval", [*overrides, "trainer.accelerator=tpu"]))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 

@@ -49,11 +49,11 @@ def reference(tiny_overrides, tmp_path) -> tuple[dict, Path]:
     return train(compose_config("train", [*tiny_overrides, *SETTINGS, f"output_dir={run}"])), run
 
 
-def start_paused(tiny_overrides: list[str], run: Path, step: int) -> tuple[subprocess.Popen, Path]:
+def start_paused(tiny_overrides: list[str], run: Path, step: int, extra=()) -> tuple[subprocess.Popen, Path]:
     """A train.py process held before training step `step` (marker file present while it waits)."""
     marker = run.parent / f"paused-{run.name}"
     overrides = [o for o in tiny_overrides if not o.startswith("output_dir=")]
-    args = [*overrides, *SETTINGS, f"hydra.run.dir={run}",
+    args = [*overrides, *SETTINGS, *extra, f"hydra.run.dir={run}",
             "+callbacks.pause._target_=tests.callbacks.PauseAt", f"+callbacks.pause.step={step}",
             f"+callbacks.pause.marker={marker}"]  # fmt: skip
     process = subprocess.Popen(
@@ -124,7 +124,7 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_at_the_next_batch(ti
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == STEPS_PER_EPOCH + 2  # the step it was in finished, then it stopped
     (batches,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the iterator's place
-    assert batches["served"] == 2 and len(batches["order"]) == 60
+    assert (batches["epoch"], batches["served"], batches["images"]) == (1, 2, 60)  # the order is (seed, epoch)'s
 
     resumed = run_command(line.split("resume with: ", 1)[1])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -134,6 +134,37 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_at_the_next_batch(ti
     assert scalars(run, "val/acc") == scalars(ref_run, "val/acc")
     # The epoch that was cut in two still logs its loss over all of its images.
     assert scalars(run, "train/loss_epoch") == scalars(ref_run, "train/loss_epoch")
+
+
+def test_an_ema_run_stopped_mid_epoch_resumes_to_bit_identical_weights(tiny_overrides, tmp_path):
+    """The average of the weights takes in the step the run stopped at before the checkpoint is written."""
+    ema = ["callbacks=ema", "callbacks.ema.decay=0.5"]  # a short memory: a missed update shows in every weight
+    reference = tmp_path / "reference"
+    expected = train(compose_config("train", [*tiny_overrides, *SETTINGS, *ema, f"output_dir={reference}"]))
+    run = tmp_path / "terminated"
+    process, marker = start_paused(tiny_overrides, run, step=STEPS_PER_EPOCH + 1, extra=ema)
+    status, stderr = stop(process, marker, signal.SIGTERM)
+    assert status == 143, stderr[-3000:]
+    resumed = run_command(stderr.strip().splitlines()[-1].split("resume with: ", 1)[1])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert results(json.loads((run / "metrics.json").read_text())) == results(expected)
+    ours, theirs = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=True) for r in (run, reference))
+    for key in ("state_dict", "current_model_state"):  # the averaged weights, and the raw ones training goes on with
+        assert all(torch.equal(ours[key][name], value) for name, value in theirs[key].items()), key
+
+
+def test_a_run_resumed_from_an_earlier_checkpoint_shows_each_epoch_once(tiny_overrides, tmp_path, reference):
+    """TensorBoard hides what the first start logged from the resumed step on (purge_step), so the run's curves,
+    and compare's, which reads the run's whole events folder, show each epoch once."""
+    from cnnlab.compare import read_curves
+
+    _, ref_run = reference
+    run = tmp_path / "run"
+    overrides = [*tiny_overrides, *SETTINGS, "callbacks.model_checkpoint.save_top_k=-1", f"output_dir={run}"]
+    train(compose_config("train", overrides))
+    train(compose_config("train", [*overrides, f"ckpt_path={run / 'checkpoints' / 'epoch_000.ckpt'}"]))
+    assert scalars(run, "val/acc") == scalars(ref_run, "val/acc")  # steps 3, 7, 11: once each
+    assert read_curves(run)["val/acc"] == [value for _, value in scalars(ref_run, "val/acc")]
 
 
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(tiny_overrides, tmp_path):
@@ -159,6 +190,48 @@ def test_a_diverging_learning_rate_stops_before_the_step_with_the_last_finite_we
     assert checkpoint["global_step"] == step
     assert all(torch.isfinite(w).all() for name, w in checkpoint["state_dict"].items() if name.startswith("net."))
     assert not (run / "metrics.json").exists()
+
+
+def fit_in_16_mixed(folder: Path, nonfinite_steps: int):
+    """A few steps of a tiny network in 16-mixed with a GradScaler (on a CPU Lightning would switch the precision
+    flag to bf16: the plugin is given as a GPU run has it), its inputs infinite from step 2 for `nonfinite_steps`."""
+    from functools import partial
+
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from torch import nn
+
+    from cnnlab.data import TensorBatches
+    from cnnlab.module import LitClassifier
+    from cnnlab.resume import RunGuard
+    from tests.callbacks import NanLossAt
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    net.input_shape = (3, 2, 2)
+    module = LitClassifier(net, optimizer=partial(torch.optim.SGD, lr=0.1), num_classes=3)
+    guard = RunGuard(signals=[], stop_on_nonfinite_loss=True, every_n_steps=1, scaler_patience=5)
+    trainer = L.Trainer(accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu")], max_epochs=3, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=folder,
+                        callbacks=[NanLossAt(step=2, value="inf", steps=nonfinite_steps), guard])  # fmt: skip
+    batches = TensorBatches(torch.randn(32, 3, 2, 2), torch.randint(0, 3, (32,)), batch_size=8, shuffle=True)
+    trainer.fit(module, train_dataloaders=batches)
+    return trainer, module
+
+
+def test_under_16_mixed_an_overflow_the_scaler_skips_goes_on_and_a_lasting_one_stops(tmp_path):
+    """16-mixed has a GradScaler, which skips a step whose gradients are not finite and lowers its scale: one such
+    step does not end the run; `scaler_patience` (5) in a row do, with the last finite weights kept."""
+    trainer, module = fit_in_16_mixed(tmp_path / "once", nonfinite_steps=1)
+    assert trainer.current_epoch == 3 and trainer.precision_plugin.scaler.get_scale() < 2**16  # one step skipped
+    assert all(torch.isfinite(w).all() for w in module.parameters())
+    with pytest.raises(UserError, match=r"the training loss is (nan|inf) at epoch 1, step 6, non-finite 5 checks "
+                                        r"in a row \(the GradScaler skipped those steps\)") as err:  # fmt: skip
+        fit_in_16_mixed(tmp_path / "lasting", nonfinite_steps=10)
+    last = tmp_path / "lasting" / "checkpoints" / "last.ckpt"
+    assert f"{last} holds the weights before this step" in str(err.value)
+    weights = torch.load(last, weights_only=True)["state_dict"]
+    assert all(torch.isfinite(w).all() for name, w in weights.items() if name.startswith("net."))
 
 
 def test_ckpt_path_last_without_any_run_is_a_clear_error(tiny_overrides, tmp_path):
@@ -222,13 +295,21 @@ def test_a_checkpoint_every_n_train_steps_resumes_mid_epoch(tiny_overrides, tmp_
     assert all(torch.equal(weights(run)[k], w) for k, w in weights(ref_run).items())
 
 
-def test_only_a_job_started_again_by_submitit_resumes_from_its_own_folder(tmp_path, monkeypatch):
-    from cnnlab.resume import requeued_checkpoint
+def test_only_a_job_that_submitit_requeued_resumes_from_its_own_checkpoint(tmp_path, monkeypatch):
+    from cnnlab.resume import JOB_KEY, requeued_checkpoint
 
-    (tmp_path / "checkpoints").mkdir()
-    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")  # submitit_local's job environment, job id 1234
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "1234")
     assert requeued_checkpoint(tmp_path) is None  # a submitit job's first start: no checkpoint yet
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
-    assert requeued_checkpoint(tmp_path) == tmp_path / "checkpoints" / "last.ckpt"  # started again
+    torch.save({"state_dict": {}, "global_step": 6, JOB_KEY: "1234"}, last)
+    path, checkpoint = requeued_checkpoint(tmp_path)  # started again by submitit: the same job
+    assert path == last and checkpoint["global_step"] == 6
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "5678")  # a new sweep into the folder of a finished one
+    assert requeued_checkpoint(tmp_path) is None
+    torch.save({"state_dict": {}}, last)  # written outside submitit
+    assert requeued_checkpoint(tmp_path) is None
     monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    torch.save({"state_dict": {}, JOB_KEY: "5678"}, last)
     assert requeued_checkpoint(tmp_path) is None  # a plain run never picks up a checkpoint by itself

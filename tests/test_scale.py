@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from cnnlab.train import evaluate
 from tests.conftest import ROOT, compose_config
 
 
@@ -40,13 +42,33 @@ def test_ddp_on_two_cpu_processes_shards_the_data_and_leaves_one_run_dir(tree_ar
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.ckpt", Path(metrics["best_checkpoint"]).name}
     assert sorted(p.name for p in run.iterdir() if p.suffix == ".log") == ["train.log", "train_process_1.log"]
 
-    seen = {(r, e): json.loads((shards / f"shard-{r}-{e}.json").read_text()) for r in (0, 1) for e in (0, 1)}
-    for epoch in (0, 1):
-        first, second = seen[(0, epoch)], seen[(1, epoch)]
-        assert len(first) == len(second) == 30  # equal shards: 60 training images over 2 processes
-        assert not set(first) & set(second)  # disjoint
-        assert len(set(first) | set(second)) == 60  # together, every image once
+    seen = read_shards(shards)
+    assert_disjoint_and_complete(seen, epochs=2)
     assert seen[(0, 0)] != seen[(0, 1)]  # a new order each epoch
+
+    # Validation and test are sharded too, and their metrics are still those of the whole split: 20 test images,
+    # each counted once (not once per process), and the test accuracy that one process finds for the same weights.
+    confusion = metrics["confusion_matrix"]
+    assert sum(map(sum, confusion)) == 20
+    one_process = [f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}", "trainer=cpu",
+                   f"output_dir={tmp_path / 'eval'}"]  # fmt: skip
+    evaluated = evaluate(compose_config("eval", [*one_process, f"ckpt_path='{metrics['best_checkpoint']}'"]))
+    assert evaluated["confusion_matrix"] == confusion
+    assert metrics["test/acc"] == pytest.approx(evaluated["test/acc"])
+    assert metrics["test/loss"] == pytest.approx(evaluated["test/loss"], rel=1e-5)
+
+
+def read_shards(folder: Path) -> dict[tuple[int, int], list[str]]:
+    """(rank, epoch) → the fingerprints of the training images that process was given that epoch, in order."""
+    return {tuple(int(n) for n in path.stem.split("-")[1:]): path.read_text().split() for path in folder.iterdir()}
+
+
+def assert_disjoint_and_complete(seen: dict, epochs: int, images: int = 60) -> None:
+    for epoch in range(epochs):
+        first, second = seen[(0, epoch)], seen[(1, epoch)]
+        assert len(first) == len(second) == images // 2  # equal shards, each image once within a shard
+        assert len(set(first)) == len(first) and not set(first) & set(second)  # disjoint
+        assert len(set(first) | set(second)) == images  # together, every image once
 
 
 def torchrun(*args: str, tmp_path, port: int, nnodes: int = 1, node_rank: int = 0, nproc: int = 2):
@@ -258,26 +280,75 @@ def test_a_preempted_submitit_job_checkpoints_is_requeued_and_resumes(tree_archi
     assert f"sweep: 1 of 1 jobs finished; {sweep}" in done.stdout.splitlines()
 
 
-def test_ddp_processes_stop_together_when_only_one_gets_the_signal(tree_archive, tmp_path):
-    command = [sys.executable, str(ROOT / "src" / "train.py"), *tiny(tree_archive, tmp_path), "trainer.devices=2",
-               "trainer.max_epochs=2", "hydra.run.dir=run"]  # fmt: skip
+def test_ddp_stopped_on_one_process_resumes_to_the_unstopped_runs_metrics_with_disjoint_shards(tree_archive, tmp_path):
+    """Two processes; the first one alone draws extra random numbers every step (a callback of its own), the
+    second alone gets SIGTERM. Both stop at the same step with one checkpoint; resumed, the run ends with the
+    metrics and weights of a run never stopped, and every epoch's shards stay disjoint and complete."""
+    deterministic = ["trainer.max_epochs=2", "trainer.deterministic=true", "optimizer=sgd_steplr", "model.dropout=0.5",
+                     "+callbacks.draw._target_=tests.callbacks.DrawOnFirstProcess",
+                     "+callbacks.record._target_=tests.callbacks.RecordShard"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "src" / "train.py"), *tiny(tree_archive, tmp_path), "trainer.devices=2",
+             *deterministic, f"hydra.run.dir={name}", f"+callbacks.record.folder={tmp_path / name}-shards", *extra],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+
+    reference = run("reference")
+    assert reference.returncode == 0, reference.stderr[-3000:]
     signal_rank_1 = ["+callbacks.stop._target_=tests.callbacks.SignalAt", "+callbacks.stop.step=2",
                      "+callbacks.stop.signal=SIGTERM", "+callbacks.stop.rank=1"]  # fmt: skip
-    stopped = subprocess.run([*command, *signal_rank_1], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                             env=env)  # fmt: skip
+    stopped = run("run", *signal_rank_1)
     assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert "stopped by SIGTERM at epoch 0, step 3; resume with:" in stopped.stderr
-    assert torch_load(last)["global_step"] == 3
-    resumed = subprocess.run([*command, f"ckpt_path={last}"], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300, env=env)  # fmt: skip
+    assert stopped.stderr.count("stopped by SIGTERM at epoch 0, step 3; resume with:") == 1  # one line for both
+    checkpoint = torch_load(last)
+    assert checkpoint["global_step"] == 3
+    assert len(checkpoint["callbacks"]["RngState"]["processes"]) == 2  # each process's own random state
+    resumed = run("run", *signal_rank_1, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert (metrics["epochs"], metrics["global_step"]) == (2, 8)  # 30 images a process, batches of 8: 4 steps
+    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    for key in ("test/acc", "test/loss", "val/acc_best", "epochs", "global_step", "confusion_matrix"):
+        assert metrics[key] == expected[key], key
+    weights, expected_weights = torch_load(last)["state_dict"], torch_load(tmp_path / "reference" / "checkpoints" /
+                                                                            "last.ckpt")["state_dict"]  # fmt: skip
+    assert all(torch.equal(weights[name], value) for name, value in expected_weights.items())
+    shards = read_shards(tmp_path / "run-shards")  # the stopped run's part of epoch 0, then the resumed run's rest
+    assert_disjoint_and_complete(shards, epochs=2)
+    assert shards == read_shards(tmp_path / "reference-shards")
+
+
+def test_a_nan_loss_on_one_ddp_process_stops_both_with_one_error_line(tree_archive, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "src" / "train.py"),
+            *tiny(tree_archive, tmp_path),
+            "trainer.devices=2",
+            "hydra.run.dir=run",
+            "+callbacks.nan._target_=tests.callbacks.NanLossAt",
+            "+callbacks.nan.step=2",
+            "+callbacks.nan.rank=1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip  (a hang would end in the timeout: the other process waiting in DDP's gradient all-reduce)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("error: the training loss is nan on process 1 (of 2) at epoch 0, step 2 ")
+    checkpoint = torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")  # written by both, before the step
+    assert checkpoint["global_step"] == 2
+    assert all(value.isfinite().all() for name, value in checkpoint["state_dict"].items() if name.startswith("net."))
 
 
 def torch_load(path: Path) -> dict:
-    import torch
-
     return torch.load(path, weights_only=True)

@@ -55,17 +55,15 @@ def read_jobs(sweep: Path) -> list[Job]:
 
 
 def read_curves(job_dir: Path) -> dict[str, list[float]]:
-    """Per-epoch scalars from the job's TensorBoard events, in step order."""
+    """Per-epoch scalars from the job's TensorBoard events, in step order. The whole events folder is read as one
+    run, as TensorBoard reads it: a run resumed from an earlier checkpoint has one events file per start, and the
+    later start hides what the earlier one logged from its first step on (purge_step), so each epoch counts once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    curves: dict[str, list[float]] = {}
-    for events in sorted(job_dir.glob("tensorboard/events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events))
-        accumulator.Reload()
-        for tag in CURVES:
-            if tag in accumulator.Tags()["scalars"]:
-                curves.setdefault(tag, []).extend(e.value for e in accumulator.Scalars(tag))
-    return curves
+    accumulator = EventAccumulator(str(job_dir / "tensorboard"))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    return {tag: [event.value for event in accumulator.Scalars(tag)] for tag in CURVES if tag in scalars}
 
 
 def group_keys(jobs: list[Job], by: list[str] | None) -> list[str]:

@@ -66,18 +66,42 @@ def run_dir(new_dir: str, ckpt_path: str | None, outputs_root: str) -> str:
     return unique_dir(new_dir)
 
 
-STARTED = time.time()  # about when this process started: it imports this module before composing
 RENDEZVOUS_WAIT_S = 120
 
 
 def shared_run_dir(new_dir: str, outputs_root: str) -> str:
-    """Under torchrun every process composes the config and resolves its own run dir: rank 0 claims one and
-    writes its path into <outputs_root>/.rendezvous/<torchrun job>, the other ranks read it there (on other
-    nodes too, where outputs_root is a shared file system). The job is named by its master address and port
-    and its rendezvous id; a file older than this process's start (less a minute's slack) is an earlier job's."""
-    job = "-".join(os.environ.get(key, "") for key in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
-    note = Path(outputs_root) / ".rendezvous" / re.sub(r"[^\w.-]+", "_", job)
-    if os.environ["RANK"] == "0":
+    """Under torchrun every process composes the config and resolves its own run dir: rank 0 claims one and hands
+    its path to the others through torchrun's own key-value store, the TCPStore that its agent serves at
+    MASTER_ADDR:MASTER_PORT for this job alone (TORCHELASTIC_USE_AGENT_STORE, torchrun's default): no file of an
+    earlier job on the same port is read and no clock is compared, on one node or several. Where the agent serves
+    no store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), the path goes through <outputs_root>/.rendezvous/<rendezvous
+    id>: then `torchrun --rdzv-id` must name the job (TORCHELASTIC_RUN_ID), and outputs_root be shared."""
+    is_first = os.environ["RANK"] == "0"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun restarts a failed job's processes
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=RENDEZVOUS_WAIT_S))  # fmt: skip
+        key = f"cnnlab/run_dir/{attempt}"
+        if is_first:
+            claimed = unique_dir(new_dir)
+            store.set(key, str(Path(claimed).resolve()))
+            return claimed
+        try:
+            return store.get(key).decode()  # waits for the first process's set
+        except RuntimeError as err:  # torch's DistStoreError: the first process never got there
+            sys.stderr.write(f"warning: rank 0's run dir did not arrive ({err}): this rank writes into its own\n")
+            return unique_dir(new_dir)
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if job in ("", "none"):
+        sys.stderr.write("warning: torchrun without its agent's store and without --rdzv-id: each process writes "
+                         "into a run dir of its own\n")  # fmt: skip
+        return unique_dir(new_dir)
+    note = Path(outputs_root) / ".rendezvous" / re.sub(r"[^\w.-]+", "_", f"{job}-{attempt}")
+    if is_first:
         claimed = unique_dir(new_dir)
         note.parent.mkdir(parents=True, exist_ok=True)
         temp = note.with_name(f".{note.name}.{os.getpid()}.tmp")
@@ -85,12 +109,12 @@ def shared_run_dir(new_dir: str, outputs_root: str) -> str:
         os.replace(temp, note)  # atomic: another rank reads the whole path or nothing
         return claimed
     deadline = time.monotonic() + RENDEZVOUS_WAIT_S
-    while time.monotonic() < deadline:
-        if note.is_file() and note.stat().st_mtime >= STARTED - 60:
-            return note.read_text()
+    while not note.is_file():
+        if time.monotonic() > deadline:
+            sys.stderr.write(f"warning: rank 0's run dir did not appear in {note}: this rank writes into its own\n")
+            return unique_dir(new_dir)
         time.sleep(0.1)
-    sys.stderr.write(f"warning: rank 0's run dir did not appear in {note}: this rank writes into its own\n")
-    return unique_dir(new_dir)
+    return note.read_text()
 
 
 # use_cache: Hydra resolves the run dir more than once (and copies the cache into each multirun job); each
@@ -108,6 +132,7 @@ class DataSchema:  # cnnlab.data.CIFAR10DataModule
     cache_dir: str = MISSING
     val_size: int = MISSING
     batch_size: int = MISSING
+    seed: int = MISSING
     eval_batch_size: int = MISSING
     augment: bool = MISSING
     crop_padding: int = MISSING
@@ -203,8 +228,9 @@ def check(cfg: DictConfig) -> None:
         raise UserError(message)
 
     seed = cfg.get("seed")
-    if "seed" in cfg and (not isinstance(seed, int) or isinstance(seed, bool)):
-        refuse(f"seed={seed!r} is not an integer: use e.g. seed=0")
+    if "seed" in cfg and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
+        refuse(f"seed={seed!r} must be an integer from 0 to 2³² − 1 (numpy's range, which Lightning applies): "
+               f"use e.g. seed=0")  # fmt: skip
     if not isinstance(cfg.get("keep_freed_memory", True), bool):
         refuse(f"keep_freed_memory={cfg.keep_freed_memory!r} is not true or false")
     if cfg.get("data") is not None:
@@ -254,6 +280,8 @@ def check_trainer(trainer: DictConfig, refuse) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         refuse(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can use; "
                f"use trainer.accelerator=cpu (or auto)")  # fmt: skip
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        refuse("trainer.accelerator=mps: this machine has no Apple GPU that torch can use; use trainer.accelerator=cpu")
     allowed = [value for part in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(part)]
     if trainer.get("precision") is not None and trainer.precision not in allowed:
         names = ", ".join(str(value) for value in allowed if isinstance(value, str) and "-" in value)

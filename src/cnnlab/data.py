@@ -216,8 +216,15 @@ def remove_abandoned(temp_folders) -> None:
 class TensorBatches:
     """Batches as slices of tensors already in memory: one random permutation per epoch, no per-sample work.
 
-    Its state (the epoch, its permutation, how many batches were served) goes into Lightning's checkpoints, so
-    a run stopped mid-epoch resumes at the next batch of the same permutation (cnnlab.resume).
+    The epoch's order comes from a generator of its own, seeded by (seed, epoch), as torch's DistributedSampler
+    seeds its own: every process of a multi-process run draws the same order whatever else draws random numbers,
+    and a checkpoint need not carry it. Its state (the epoch, how many batches were served) goes into Lightning's
+    checkpoints, so a run stopped mid-epoch resumes at the next batch of the same order (cnnlab.resume).
+
+    Several processes (DDP): process `rank` takes its shard of the order, rank::world_size. Training shards are
+    cut to one length (DDP needs as many steps on each process; the few images left over differ each epoch);
+    evaluation shards (`drop_uneven=False`) keep every image, so that the metrics, summed over the processes by
+    torchmetrics, are those of the whole split. Lightning shards only DataLoaders: these batches do it themselves.
     """
 
     def __init__(
@@ -226,21 +233,19 @@ class TensorBatches:
         labels: torch.Tensor,
         batch_size: int,
         shuffle: bool,
+        seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        drop_uneven: bool = True,
     ):
-        self.images, self.labels, self.batch_size, self.shuffle = images, labels, batch_size, shuffle
-        # Several processes (DDP): every process draws the same permutation (same seed, same generator state) and
-        # takes its own shard of it, rank::world_size, cut to an equal length on every process (DDP needs as
-        # many steps on each); the few images left over differ each epoch. Lightning shards only DataLoaders.
-        self.rank, self.world_size = rank, world_size
+        self.images, self.labels, self.batch_size, self.shuffle, self.seed = images, labels, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_uneven = rank, world_size, drop_uneven
         # Lightning reads a loader's `sampler` / `batch_sampler` as it would a DataLoader's, and calls
         # `sampler.set_epoch(n)` before each epoch (as for a DistributedSampler): so the batches know their epoch.
         self.sampler, self.batch_sampler = self, None
         self.epoch = 0
-        self.order: torch.Tensor | None = None  # the epoch's order of the images
-        self.served = 0  # batches of it served so far
-        self.resume_from: dict | None = None
+        self.served = 0  # batches of this epoch served so far
+        self.resume_at: tuple | None = None  # (epoch, batches served, its order if stored) of a mid-epoch checkpoint
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -250,18 +255,27 @@ class TensorBatches:
 
     @property
     def shard_size(self) -> int:
-        return len(self.labels) // self.world_size
+        n = len(self.labels)
+        return n // self.world_size if self.drop_uneven else len(range(self.rank, n, self.world_size))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The order of the images in `epoch`: the same on every process, for every run with this seed."""
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(n)
+        # Independent streams for each (seed, epoch) pair (seed + epoch, as DistributedSampler has it, would give
+        # seed 1 the orders of seed 0 shifted by an epoch).
+        (state,) = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(int(state)))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = len(self.labels)
-        device = self.images.device  # on the data's device: a GPU-resident set is indexed on the GPU
-        resume, self.resume_from = self.resume_from, None
-        if resume is not None and resume["epoch"] == self.epoch:  # the epoch the checkpoint was taken in
-            self.order, self.served = resume["order"].to(device), resume["served"]
-        else:  # seeded: drawn from torch's generator, whose state the checkpoints keep
-            self.order = torch.randperm(n, device=device) if self.shuffle else torch.arange(n, device=device)
-            self.served = 0
-        shard = self.order[self.rank :: self.world_size][: self.shard_size]
+        resume, self.resume_at = self.resume_at, None
+        if resume is None or resume[0] != self.epoch:
+            resume = (self.epoch, 0, None)
+        _, self.served, order = resume
+        order = self.order(self.epoch) if order is None else order
+        # On the data's device: a GPU-resident set is indexed on the GPU (one small copy of the order an epoch).
+        shard = order[self.rank :: self.world_size][: self.shard_size].to(self.images.device)
         while self.served < len(self):
             index = shard[self.served * self.batch_size : (self.served + 1) * self.batch_size]
             self.served += 1
@@ -270,20 +284,30 @@ class TensorBatches:
             yield self.images.index_select(0, index), self.labels.index_select(0, index)
 
     def state_dict(self) -> dict:
-        order = self.order.cpu() if self.order is not None else torch.empty(0, dtype=torch.int64)
-        return {"epoch": self.epoch, "order": order, "served": self.served, "batch_size": self.batch_size}
+        return {"epoch": self.epoch, "served": self.served, "batch_size": self.batch_size, "seed": self.seed,
+                "images": len(self.labels), "world_size": self.world_size}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume mid-epoch: used by the next epoch only if it is the checkpoint's own (Lightning may have ended
-        that one early, with limit_train_batches)."""
-        if 0 < state["served"] < len(self):
-            if (len(state["order"]), state["batch_size"]) != (len(self.labels), self.batch_size):
-                raise UserError(
-                    f"the checkpoint was taken mid-epoch with {len(state['order'])} training images in batches of "
-                    f"{state['batch_size']}, this run has {len(self.labels)} in batches of {self.batch_size}: resume "
-                    f"with the same data.root, data.val_size and data.batch_size"
-                )
-            self.resume_from = state
+        """Resume mid-epoch: the next epoch starts at the checkpoint's next batch if it is the checkpoint's own
+        epoch (Lightning may have ended that one early, with limit_train_batches). A checkpoint taken at an
+        epoch's end resumes on any number of processes; one taken mid-epoch needs the same images, batches, seed
+        and number of processes, or the rest of its epoch would not be the rest of the same order."""
+        ours = {"images": len(self.labels), "batch_size": self.batch_size, "seed": self.seed,
+                "world_size": self.world_size}  # fmt: skip
+        theirs = {key: state.get(key, ours[key]) for key in ours}  # older checkpoints name fewer
+        if "order" in state:  # written when checkpoints carried the order (before it came from (seed, epoch))
+            theirs["images"] = len(state["order"])
+        batches = ceil(theirs["images"] // theirs["world_size"] / theirs["batch_size"])
+        if not 0 < state["served"] < batches:
+            return
+        if theirs != ours:
+            differ = ", ".join(f"{key} {theirs[key]} (here {ours[key]})" for key in ours if theirs[key] != ours[key])
+            raise UserError(
+                f"the checkpoint was taken mid-epoch with {differ}: resume it with the same data.root, data.val_size, "
+                f"data.batch_size, seed and number of processes (trainer.devices × trainer.num_nodes), or from a "
+                f"checkpoint taken at an epoch's end, which may change any of them"
+            )
+        self.resume_at = (state["epoch"], state["served"], state.get("order"))
 
 
 def scale_and_shift(mean: list[float], std: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,6 +349,7 @@ class CIFAR10DataModule(LightningDataModule):
         mean: list[float],
         std: list[float],
         on_device: bool,
+        seed: int,  # the epochs' orders are drawn from (seed, epoch): conf/data/cifar10.yaml takes the run's seed
         tta: bool = False,  # read by LitClassifier's test step and by eval.py, not here
     ):
         super().__init__()
@@ -369,19 +394,20 @@ class CIFAR10DataModule(LightningDataModule):
             self.splits = {name: (x.to(device), y.to(device)) for name, (x, y) in self.splits.items()}
 
     def train_dataloader(self) -> TensorBatches:
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        return TensorBatches(
-            *self.splits["train"], self.hparams.batch_size, shuffle=True, rank=rank, world_size=world_size
-        )
-
-    # Validation and test are not sharded: every process scores the whole split, and torchmetrics' sync over
-    # processes then gives the exact metrics of the split (each process adds the same counts).
+        return self.batches("train", self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.splits["val"], self.hparams.eval_batch_size, shuffle=False)
+        return self.batches("val", self.hparams.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> TensorBatches:
-        return TensorBatches(*self.splits["test"], self.hparams.eval_batch_size, shuffle=False)
+        return self.batches("test", self.hparams.eval_batch_size, shuffle=False)
+
+    def batches(self, split: str, batch_size: int, shuffle: bool) -> TensorBatches:
+        """Under DDP each process takes its shard: of training, of validation and of the test (whose shards keep
+        every image, so torchmetrics' sum over the processes gives the split's exact metrics)."""
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return TensorBatches(*self.splits[split], batch_size, shuffle=shuffle, seed=self.hparams.seed, rank=rank,
+                             world_size=world_size, drop_uneven=split == "train")  # fmt: skip
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """On the model's device, for the whole batch: uint8 → float, normalise, augment (training only)."""

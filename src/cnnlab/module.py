@@ -54,6 +54,7 @@ class LitClassifier(LightningModule):
         self.train_sums = torch.zeros(2)  # float32, not a buffer: bf16-true would round the sums
         self.train_images = 0
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion_counts: list[list[int]] | None = None
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
         # Lets Lightning's model summary show each layer's input and output sizes at start-up.
@@ -106,7 +107,8 @@ class LitClassifier(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Per-class test accuracy as scalars, and the confusion matrix as an image in TensorBoard."""
-        confusion = self.test_confusion.compute()  # rows: true class, columns: predicted class
+        confusion = self.test_confusion.compute()  # rows: true class, columns: predicted class; summed over processes
+        self.test_confusion_counts = confusion.tolist()  # for metrics.json
         per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
         names = getattr(self.trainer.datamodule, "classes", None) or []
         if len(names) != len(per_class):  # a data set with fewer classes than the model's outputs

@@ -71,12 +71,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_atomically(path, lambda file: torch.save(checkpoint, file))
 
 
-def requeued_checkpoint(output_dir: str | Path) -> Path | None:
-    """The job's own last.ckpt when submitit (hydra/launcher=slurm or submitit_local) starts a job again in the
-    folder of one that was stopped, as it does after pre-emption or the time limit; None otherwise. Hydra gives
-    every job of a sweep a folder of its own, so only a requeued job finds a last.ckpt in it."""
+def submitit_job_id() -> str | None:
+    """The id of the submitit job this process runs in (SLURM's job id, an array's job_task; the local controller's
+    process id with submitit_local), which stays the same when submitit requeues the job; None outside submitit."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    import submitit
+
+    return str(submitit.JobEnvironment().job_id)
+
+
+def requeued_checkpoint(output_dir: str | Path) -> tuple[Path, dict] | None:
+    """The job's own last.ckpt, loaded, when submitit (hydra/launcher=slurm or submitit_local) has started this job
+    again after pre-emption or the time limit: the checkpoint was written by this same submitit job (RunGuard
+    records its id). None otherwise: a plain run, a first start, or a new sweep into the folder of a finished one."""
+    job = submitit_job_id()
     path = Path(output_dir) / "checkpoints" / LAST
-    return path if os.environ.get("SUBMITIT_EXECUTOR") and path.is_file() else None
+    if job is None or not path.is_file():
+        return None
+    checkpoint = load_checkpoint(path)
+    return (path, checkpoint) if checkpoint.get(JOB_KEY) == job else None
+
+
+JOB_KEY = "submitit_job_id"  # in a checkpoint: the submitit job that wrote it
 
 
 def find_checkpoint(ckpt_path: str, outputs_root: str | Path) -> Path:
@@ -170,17 +187,39 @@ def resume_command(checkpoint: Path) -> str:
 
 
 class RngState(Callback):
-    """Saves the random generators' states in each checkpoint and restores them when training starts.
+    """Saves every process's random generators in each checkpoint and gives each process its own back when
+    training starts.
+
+    The generators draw the dropout masks and the augmentations, which differ between processes as soon as one
+    process draws a number the others do not (a callback on the first process only, say). A checkpoint is written
+    by all processes together: each hands its states (torch's, its CUDA device's, numpy's, Python's) to the first,
+    which saves them all; on resume process r restores state r. A run resumed on another number of processes
+    keeps its freshly seeded generators and says so: its epochs' orders are still those of (seed, epoch)
+    (cnnlab.data.TensorBatches), its dropout masks and augmentations are not those of a run never stopped.
 
     Restored at on_train_start, after everything Lightning does while setting up, right before the first batch
-    draws its shuffle or dropout mask. Stored as tensors and plain numbers (numpy's array as a tensor), so the
-    checkpoint still loads with torch.load(weights_only=True).
+    draws. Stored as tensors and plain numbers (numpy's array as a tensor), so the checkpoint still loads with
+    torch.load(weights_only=True).
     """
 
     def __init__(self):
         self.to_restore: dict | None = None
+        self.trainer: Trainer | None = None
+        self.device: torch.device | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.trainer = trainer
 
     def state_dict(self) -> dict:
+        own = self.own_state()
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return {"processes": [own]}
+        processes = [None] * trainer.world_size  # a collective call: every process is saving this checkpoint
+        torch.distributed.all_gather_object(processes, own)
+        return {"processes": processes}
+
+    def own_state(self) -> dict:
         kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
         version, python_state, gauss_next = random.getstate()
         state = {
@@ -189,9 +228,14 @@ class RngState(Callback):
                       "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
             "python": {"version": version, "state": list(python_state), "gauss_next": gauss_next},
         }  # fmt: skip
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        device = self.cuda_device()
+        if device is not None:  # this process's own GPU only: a resume on a machine with fewer GPUs still works
+            state["cuda"] = torch.cuda.get_rng_state(device)
         return state
+
+    def cuda_device(self) -> torch.device | None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return module.device if module is not None and module.device.type == "cuda" else None
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.to_restore = state_dict
@@ -199,41 +243,85 @@ class RngState(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.to_restore is None:
             return
-        state, self.to_restore = self.to_restore, None
+        saved, self.to_restore = self.to_restore, None
+        processes = saved.get("processes", [saved])  # a checkpoint of cnnlab ≤ 0.1 holds one process's state
+        if len(processes) != trainer.world_size:
+            log.warning(
+                f"the checkpoint holds the random state of {len(processes)} process(es), this run has "
+                f"{trainer.world_size}: each epoch's order is the one of (seed, epoch) as before, but dropout masks "
+                f"and augmentations are drawn afresh, not as the run would have drawn them unstopped"
+            )
+            return
+        state = processes[trainer.global_rank]
         torch.set_rng_state(state["torch"])
         numpy = state["numpy"]
         keys = numpy["keys"].numpy().astype(np.uint32)
         np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
         python = state["python"]
         random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda" in state and pl_module.device.type == "cuda":
+            cuda = state["cuda"]  # older checkpoints: a list, one state per GPU of the machine
+            if isinstance(cuda, list):
+                cuda = cuda[pl_module.device.index] if pl_module.device.index < len(cuda) else None
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, pl_module.device)
+
+
+class Diverged(UserError):
+    """The training loss is not finite. Decided by all processes together, so the first one reports it alone."""
+
+
+NONFINITE = {1: "nan", 2: "inf", 3: "-inf"}  # the codes the processes vote with (0: finite)
+
+
+def nonfinite_code(losses: torch.Tensor) -> torch.Tensor:
+    """The worst of `losses` as a code of NONFINITE, computed where the losses are (no host sync on a GPU)."""
+    return (torch.isnan(losses) * 1 + torch.isposinf(losses) * 2 + torch.isneginf(losses) * 3).max()
 
 
 class RunGuard(Callback):
-    """Stops a run cleanly on a signal or a non-finite loss.
+    """Stops a run cleanly on a signal or a non-finite loss, on every process at the same step.
 
     Signals (by name, e.g. SIGINT, SIGTERM): while training, the first one asks to stop at the end of the current
     step; then last.ckpt is written (a mid-epoch checkpoint that resumes at the next batch) and `Interrupted` is
     raised. Before training starts, while testing, or on a second signal, `Interrupted` is raised at once.
     train() installs the handlers with `handling_signals()` for the whole run; Lightning installs its own SIGTERM
     handler when fit starts (it would stop only at the epoch's end, with exit status 0), so on_train_start puts
-    ours back.
+    ours back. A handler that was there before ours is chained, not replaced: it runs once the checkpoint is
+    written. On SLURM that is submitit's (hydra/launcher=slurm): its SIGUSR2 comes before the time limit or on
+    pre-emption, and its handler requeues the job; the requeued job resumes from this checkpoint
+    (`requeued_checkpoint`).
 
-    A handler that was there before ours is chained, not replaced: it runs once the checkpoint is written. On
-    SLURM that is submitit's (hydra/launcher=slurm): its SIGUSR2 comes before the time limit or on pre-emption,
-    and its handler requeues the job; the requeued job resumes from this checkpoint (`requeued_checkpoint`).
-    With several processes (DDP) the stop is agreed after every step, so that all of them write the one
-    checkpoint together (a collective call) even when the signal reached only some of them.
+    A non-finite loss (`stop_on_nonfinite_loss`) stops the run before the optimizer step, with last.ckpt holding
+    the weights of the step before. Under 16-mixed the GradScaler skips a step whose gradients overflow and lowers
+    its scale: a non-finite loss stops the run only when `scaler_patience` losses in a row are.
+
+    Both decisions are taken together every `every_n_steps` steps, before the backward pass: with several
+    processes (DDP) in one all-reduce of a small vector (the signal asked for, each process's loss verdict), so
+    that all of them stop at the same step and write the one checkpoint together (a collective call), even when
+    the signal or the bad loss reached only one of them; on one process by reading the losses. With
+    `every_n_steps` > 1 a GPU reads the losses once per N steps (no host sync in between), a stop comes up to N
+    steps later, and a diverged run keeps its last checkpoint rather than the weights of the step before.
+
+    RunGuard stops the run after every other callback has seen the step (train() puts it last, before Lightning's
+    ModelCheckpoints): an EMA of the weights, say, has taken the step in before the checkpoint is written.
     """
 
-    def __init__(self, signals: list[str], stop_on_nonfinite_loss: bool):
+    def __init__(self, signals: list[str], stop_on_nonfinite_loss: bool, every_n_steps: int, scaler_patience: int):
+        for key, value in (("every_n_steps", every_n_steps), ("scaler_patience", scaler_patience)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"callbacks.run_guard.{key}={value!r} must be an integer ≥ 1")
         try:
             self.signals = [signal.Signals[name] for name in signals]
         except KeyError as err:
             raise UserError(f"callbacks.run_guard.signals: {err} is not a signal name (SIGINT, SIGTERM, ...)") from None
         self.stop_on_nonfinite_loss = stop_on_nonfinite_loss
-        self.requested: int | None = None  # the signal that asked to stop
+        self.every_n_steps, self.scaler_patience = every_n_steps, scaler_patience
+        self.requested: int | None = None  # the signal that asked to stop, in this process
+        self.agreed: int | None = None  # the signal that all processes agreed to stop for
+        self.losses: list[torch.Tensor] = []  # the training losses since the last decision
+        self.batches = 0
+        self.nonfinite_in_a_row = 0  # decisions in a row that found a non-finite loss (16-mixed: skipped steps)
         self.training = False
         self.trainer: Trainer | None = None
         self.chained: dict[int, Callable] = {}  # signal → the Python handler installed before ours (submitit's)
@@ -282,32 +370,88 @@ class RunGuard(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.training = False
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        requested = self.requested
-        if trainer.world_size > 1:  # one all-reduce of one number per step: every process stops at the same step
-            asked = torch.tensor(requested or 0, device=pl_module.device)
-            requested = int(trainer.strategy.reduce(asked, reduce_op=torch.distributed.ReduceOp.MAX)) or None
-        if requested is None:
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        job = submitit_job_id()
+        if job is not None:  # a requeued job resumes only from its own checkpoint (requeued_checkpoint)
+            checkpoint[JOB_KEY] = job
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if self.stop_on_nonfinite_loss:
+            self.losses.append(loss.detach())
+        elif trainer.world_size == 1:
+            return  # nothing to decide together: a signal is taken at the step's end
+        self.batches += 1
+        if self.batches % self.every_n_steps == 0:
+            self.decide(trainer, pl_module)
+
+    def decide(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        losses, self.losses = self.losses, []
+        world_size = trainer.world_size
+        if world_size == 1:
+            values = [loss.item() for loss in losses]  # scalars: .item() is the cheap read
+            worst = max((0 if math.isfinite(v) else 1 if math.isnan(v) else 2 if v > 0 else 3 for v in values),
+                        default=0)  # fmt: skip
+            verdicts = [worst]
+        else:  # one all-reduce: [signal asked for, process 0's loss verdict, process 1's, …], the maximum of each
+            votes = torch.zeros(1 + world_size, device=pl_module.device)
+            votes[0] = self.requested or 0
+            if losses:
+                votes[1 + trainer.global_rank] = nonfinite_code(torch.stack(losses).float())
+            votes = trainer.strategy.reduce(votes, reduce_op=torch.distributed.ReduceOp.MAX)
+            signum, *verdicts = (int(v) for v in votes.tolist())
+            self.agreed = self.agreed or signum or None
+        bad = {rank: NONFINITE[v] for rank, v in enumerate(verdicts) if v}
+        if not bad:
+            self.nonfinite_in_a_row = 0
             return
+        self.nonfinite_in_a_row += 1
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled() and self.nonfinite_in_a_row < self.scaler_patience:
+            log.warning(f"the training loss is {describe(bad, world_size)} at step {trainer.global_step}: the "
+                        f"GradScaler skips this step and lowers its scale ({self.nonfinite_in_a_row} of "
+                        f"callbacks.run_guard.scaler_patience={self.scaler_patience} in a row)")  # fmt: skip
+            return
+        self.diverged(trainer, bad)
+
+    def diverged(self, trainer: Trainer, bad: dict[int, str]) -> None:
+        where = f"at epoch {trainer.current_epoch}, step {trainer.global_step}"
+        if self.every_n_steps == 1:
+            path = checkpoint_file(trainer)
+            trainer.save_checkpoint(path)  # collective; the weights are still those before this step
+            kept = f"{path} holds the weights before this step"
+        else:
+            path = last_checkpoint(trainer)
+            kept = f"the last checkpoint is {path}" if path else "no checkpoint was written yet"
+            kept += f" (the loss is checked every {self.every_n_steps} steps)"
+        if self.nonfinite_in_a_row > 1:
+            where += f", non-finite {self.nonfinite_in_a_row} checks in a row (the GradScaler skipped those steps)"
+        lrs = sorted({group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups})
+        raise Diverged(
+            f"the training loss is {describe(bad, trainer.world_size)} {where} (learning rate "
+            f"{', '.join(f'{lr:g}' for lr in lrs)}): training diverged, most likely from too high a learning rate; "
+            f"try a smaller optimizer.lr. {kept}"
+        )
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        # Several processes stop on the signal they agreed on; one alone needs no agreement.
+        signum = self.agreed if trainer.world_size > 1 else self.requested
+        if signum is None:
+            return
+        self.agreed = None
         path = checkpoint_file(trainer)
         trainer.save_checkpoint(path)  # collective: every process calls it, the first one writes
         try:
-            self.hand_over(requested)  # on SLURM: the job is requeued, the first process exits here
+            self.hand_over(signum)  # on SLURM: the job is requeued, the first process exits here
         finally:
             trainer.strategy.barrier("RunGuard")  # the other processes wait for that before they exit
-        raise Interrupted(requested, path, f"at epoch {trainer.current_epoch}, step {trainer.global_step}")
+        raise Interrupted(signum, path, f"at epoch {trainer.current_epoch}, step {trainer.global_step}")
 
-    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        if not self.stop_on_nonfinite_loss or math.isfinite(loss.item()):  # a scalar: .item() is the cheap check
-            return
-        path = checkpoint_file(trainer)
-        trainer.save_checkpoint(path)  # the weights are still the last finite ones: no step was taken with them
-        lrs = sorted({group["lr"] for optimizer in trainer.optimizers for group in optimizer.param_groups})
-        raise UserError(
-            f"the training loss is {loss.item()} at epoch {trainer.current_epoch}, step {trainer.global_step} "
-            f"(learning rate {', '.join(f'{lr:g}' for lr in lrs)}): training diverged, most likely from too high a "
-            f"learning rate; try a smaller optimizer.lr. {path} holds the weights before this step"
-        )
+
+def describe(bad: dict[int, str], world_size: int) -> str:
+    """nan, or with several processes: nan on process 1 (of 2)."""
+    if world_size == 1:
+        return next(iter(bad.values()))
+    return ", ".join(f"{value} on process {rank}" for rank, value in bad.items()) + f" (of {world_size})"
 
 
 def checkpoint_file(trainer: Trainer) -> Path:

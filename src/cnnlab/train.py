@@ -51,6 +51,9 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
     # A callback or logger set to null (callbacks.inside=null) is left out.
     loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # The run guard stops a run after every other callback has taken the step in (an EMA of the weights, say);
+    # Lightning then puts its ModelCheckpoints after it.
+    callbacks.sort(key=lambda callback: isinstance(callback, resume.RunGuard))
     trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[resume.AtomicCheckpointIO()]
     )
@@ -131,10 +134,10 @@ def train(cfg: DictConfig) -> dict | None:
     resume_from, checkpoint = None, None
     if cfg.get("ckpt_path") is not None:
         resume_from = resume.find_checkpoint(str(cfg.ckpt_path), cfg.outputs_root)
-    else:  # a SLURM job requeued after pre-emption goes on from where it stopped
-        resume_from = resume.requeued_checkpoint(cfg.output_dir)
-    if resume_from is not None:
         checkpoint = resume.load_checkpoint(resume_from)
+    else:  # a SLURM job requeued after pre-emption goes on from where it stopped
+        resume_from, checkpoint = resume.requeued_checkpoint(cfg.output_dir) or (None, None)
+    if resume_from is not None:
         log.info(f"resuming from {resume_from} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}) "
                  f"in {cfg.output_dir}")  # fmt: skip
     L.seed_everything(cfg.seed, workers=True)  # an integer seed is applied, 0 included
@@ -155,6 +158,7 @@ def train(cfg: DictConfig) -> dict | None:
         "test/loss": tested[0]["test/loss"],
         **{key: tested[0][key] for key in ("test/acc_tta",) if key in tested[0]},  # data.tta=true
         "val/acc_best": best_val_acc(module),
+        "confusion_matrix": module.test_confusion_counts,  # rows: true class, columns: predicted; every test image once
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "seed": cfg.seed,
@@ -189,13 +193,19 @@ def evaluate(cfg: DictConfig) -> dict:
         description = {"input_shape": list(module.net.input_shape), "classes": None}  # the data's, below
         return inference.Deployable(module.net, list(cfg.data.mean), list(cfg.data.std)), description
 
-    model = inference.load_model(str(cfg.ckpt_path), cfg.outputs_root, fallback=from_config)
+    device = EVAL_DEVICES.get(cfg.trainer.accelerator)  # check() has refused a device this machine lacks
+    if device is None:
+        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator}: src/eval.py runs on {', '.join(EVAL_DEVICES)}")
+    model = inference.load_model(str(cfg.ckpt_path), cfg.outputs_root, device=device, fallback=from_config)
     images, labels, model.description["classes"] = inference.evaluation_set(cfg.data, model.classes, model.image_size)
     scores = inference.score(model, images, labels, cfg.data.eval_batch_size, tta=cfg.data.get("tta", False))
     metrics = {**scores, "ckpt_path": str(model.source), "run_dir": cfg.output_dir}
     inference.plot_confusion(metrics["confusion_matrix"], model.classes, Path(cfg.output_dir) / "confusion_matrix.png")
     log.info(f"test/acc={metrics['test/acc']:.4f} test/loss={metrics['test/loss']:.4f} on {len(labels)} images")
     return write_metrics(metrics, cfg.output_dir)
+
+
+EVAL_DEVICES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}  # trainer.accelerator →
 
 
 def best_val_acc(module: LitClassifier) -> float | None:
@@ -209,3 +219,10 @@ def write_metrics(metrics: dict, output_dir: str) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (json.dumps(metrics, indent=2) + "\n").encode())
     return metrics
+
+
+def first_process() -> bool:
+    """Whether this is the first process of the run (global rank 0), which reports for all of them."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0
