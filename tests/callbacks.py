@@ -64,6 +64,13 @@ class RecordShard(Callback):
             file.writelines(hashlib.sha1(image.numpy().tobytes()).hexdigest()[:16] + "\n" for image in images)
 
 
+class MarkRunDir(Callback):
+    """Writes process-<rank> into the run dir that this process resolved (trainer.default_root_dir)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        (Path(trainer.default_root_dir) / f"process-{trainer.global_rank}").touch()
+
+
 class DrawOnFirstProcess(Callback):
     """Draws from torch's global generator before every training step, on the first process only, as a callback
     that samples something on rank 0 would."""

@@ -3,6 +3,7 @@ groups. Multi-process runs are real `src/train.py` processes (Lightning re-execu
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab.train import evaluate
+from cnnlab import UserError
+from cnnlab.train import evaluate, train
 from tests.conftest import ROOT, compose_config
 
 
@@ -77,6 +79,7 @@ def torchrun(*args: str, tmp_path, port: int, nnodes: int = 1, node_rank: int = 
          f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
          str(ROOT / "src" / "train.py"), *args],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
 
 
@@ -93,13 +96,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_torchrun_on_one_node_leaves_one_run_dir(tree_archive, tmp_path):
-    process = torchrun(*tiny(tree_archive, tmp_path), "trainer.devices=2", tmp_path=tmp_path, port=free_port())
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
-    (run,) = (tmp_path / "outputs" / "runs").iterdir()  # every rank composed its config: still one run dir
-    assert json.loads((run / "metrics.json").read_text())["global_step"] == 4  # 30 images a rank, batches of 8
-    assert len([line for line in stdout.splitlines() if line.startswith("test/acc=")]) == 1
+def test_torchrun_jobs_back_to_back_on_one_port_each_leave_one_run_dir(tree_archive, tmp_path):
+    """Every process composes its config under torchrun; the first one's run dir reaches the others through
+    torchrun's own store, so the second job on the same port never takes the first job's folder."""
+    port, runs = free_port(), tmp_path / "outputs" / "runs"
+    for job in (1, 2):
+        process = torchrun(
+            *tiny(tree_archive, tmp_path),
+            "trainer.devices=2",
+            f"seed={job}",
+            "+callbacks.mark._target_=tests.callbacks.MarkRunDir",
+            tmp_path=tmp_path,
+            port=port,
+        )
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        assert len([line for line in stdout.splitlines() if line.startswith("test/acc=")]) == 1
+        assert len(list(runs.iterdir())) == job  # one run dir for both processes of each job
+    for run in runs.iterdir():
+        assert json.loads((run / "metrics.json").read_text())["global_step"] == 4  # 30 images a rank, batches of 8
+        assert (run / "process-0").is_file() and (run / "process-1").is_file()
 
 
 def test_torchrun_on_two_nodes_of_this_machine_leaves_one_run_dir(tree_archive, tmp_path):
@@ -240,18 +256,22 @@ def test_lightning_sees_a_slurm_job_of_2_nodes_by_4_tasks(monkeypatch):
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (8, 5, 1, 1)
 
 
-def test_a_sweep_through_submitit_local(tree_archive, tmp_path):
+def test_a_sweep_through_submitit_local_run_twice_into_one_folder_trains_twice(tree_archive, tmp_path):
     sweep = tmp_path / "sweep"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "hydra/launcher=submitit_local", "trainer=cpu",
-         "trainer.max_epochs=1", "data.val_size=20", f"data.root={tree_archive}",
-         f"data.cache_dir={tmp_path / 'cache'}", "optimizer=adam,sgd_steplr", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert [p.name[:2] for p in jobs] == ["0_", "1_"] and all((job / "metrics.json").is_file() for job in jobs)
-    assert f"sweep: 2 of 2 jobs finished; {sweep}" in done.stdout.splitlines()
+    for _ in range(2):  # the second time, the jobs find the first time's last.ckpt: not theirs, not resumed
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "src" / "train.py"), "-m", "hydra/launcher=submitit_local", "trainer=cpu",
+             "trainer.max_epochs=1", "data.val_size=20", f"data.root={tree_archive}",
+             f"data.cache_dir={tmp_path / 'cache'}", "optimizer=adam,sgd_steplr", f"hydra.sweep.dir={sweep}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+        assert [p.name[:2] for p in jobs] == ["0_", "1_"]
+        for job in jobs:
+            metrics = json.loads((job / "metrics.json").read_text())
+            assert (metrics["resumed_from"], metrics["epochs"], metrics["global_step"]) == (None, 1, 1)
+        assert f"sweep: 2 of 2 jobs finished; {sweep}" in done.stdout.splitlines()
 
 
 def test_a_preempted_submitit_job_checkpoints_is_requeued_and_resumes(tree_archive, tmp_path):
@@ -307,6 +327,7 @@ def test_ddp_stopped_on_one_process_resumes_to_the_unstopped_runs_metrics_with_d
     checkpoint = torch_load(last)
     assert checkpoint["global_step"] == 3
     assert len(checkpoint["callbacks"]["RngState"]["processes"]) == 2  # each process's own random state
+    shutil.copy(last, tmp_path / "mid-epoch.ckpt")
     resumed = run("run", *signal_rank_1, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
@@ -320,6 +341,13 @@ def test_ddp_stopped_on_one_process_resumes_to_the_unstopped_runs_metrics_with_d
     shards = read_shards(tmp_path / "run-shards")  # the stopped run's part of epoch 0, then the resumed run's rest
     assert_disjoint_and_complete(shards, epochs=2)
     assert shards == read_shards(tmp_path / "reference-shards")
+
+    # On another number of processes: one line saying why not (Lightning counts an epoch's steps per process).
+    one_process = [f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=20",
+                   "data.batch_size=8", "trainer=cpu", f"output_dir={tmp_path / 'one'}"]  # fmt: skip
+    for checkpoint in (tmp_path / "mid-epoch.ckpt", last):  # taken mid-epoch, and at the end of the last epoch
+        with pytest.raises(UserError, match=r"was written by a run of 2 process\(es\), this one has 1 \(trainer"):
+            train(compose_config("train", [*one_process, "trainer.max_epochs=3", f"ckpt_path={checkpoint}"]))
 
 
 def test_a_nan_loss_on_one_ddp_process_stops_both_with_one_error_line(tree_archive, tmp_path):

@@ -289,9 +289,8 @@ class TensorBatches:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume mid-epoch: the next epoch starts at the checkpoint's next batch if it is the checkpoint's own
-        epoch (Lightning may have ended that one early, with limit_train_batches). A checkpoint taken at an
-        epoch's end resumes on any number of processes; one taken mid-epoch needs the same images, batches, seed
-        and number of processes, or the rest of its epoch would not be the rest of the same order."""
+        epoch (Lightning may have ended that one early, with limit_train_batches). Mid-epoch needs the same images,
+        batches, seed and number of processes, or the rest of its epoch would not be the rest of the same order."""
         ours = {"images": len(self.labels), "batch_size": self.batch_size, "seed": self.seed,
                 "world_size": self.world_size}  # fmt: skip
         theirs = {key: state.get(key, ours[key]) for key in ours}  # older checkpoints name fewer
@@ -305,7 +304,7 @@ class TensorBatches:
             raise UserError(
                 f"the checkpoint was taken mid-epoch with {differ}: resume it with the same data.root, data.val_size, "
                 f"data.batch_size, seed and number of processes (trainer.devices × trainer.num_nodes), or from a "
-                f"checkpoint taken at an epoch's end, which may change any of them"
+                f"checkpoint taken at an epoch's end"
             )
         self.resume_at = (state["epoch"], state["served"], state.get("order"))
 

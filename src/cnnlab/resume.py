@@ -152,6 +152,20 @@ def check_shapes(module: LightningModule, checkpoint: dict, path: Path) -> None:
         )
 
 
+def check_processes(trainer: Trainer, checkpoint: dict, path: Path) -> None:
+    """Refuse a checkpoint of a run on another number of processes: Lightning counts an epoch's steps per process,
+    so the epoch it stopped in (even at its end: last.ckpt is written at validation's end, inside the epoch) cannot
+    be continued on another number."""
+    loaders = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or [{}]
+    saved, here = loaders[0].get("world_size", 1), trainer.num_devices * trainer.num_nodes
+    if saved != here:
+        raise UserError(
+            f"ckpt_path={path} was written by a run of {saved} process(es), this one has {here} (trainer.devices × "
+            f"trainer.num_nodes): resume it with the same number; Lightning counts an epoch's steps per process, "
+            f"so the epoch it stopped in cannot go on with another number"
+        )
+
+
 def best_checkpoint(trainer: Trainer, resumed: dict | None) -> str:
     """The best checkpoint on the monitored metric, "" if none was saved.
 
@@ -193,9 +207,8 @@ class RngState(Callback):
     The generators draw the dropout masks and the augmentations, which differ between processes as soon as one
     process draws a number the others do not (a callback on the first process only, say). A checkpoint is written
     by all processes together: each hands its states (torch's, its CUDA device's, numpy's, Python's) to the first,
-    which saves them all; on resume process r restores state r. A run resumed on another number of processes
-    keeps its freshly seeded generators and says so: its epochs' orders are still those of (seed, epoch)
-    (cnnlab.data.TensorBatches), its dropout masks and augmentations are not those of a run never stopped.
+    which saves them all; on resume process r restores state r (train() refuses a checkpoint of another number of
+    processes: `check_processes`).
 
     Restored at on_train_start, after everything Lightning does while setting up, right before the first batch
     draws. Stored as tensors and plain numbers (numpy's array as a tensor), so the checkpoint still loads with
@@ -244,15 +257,8 @@ class RngState(Callback):
         if self.to_restore is None:
             return
         saved, self.to_restore = self.to_restore, None
-        processes = saved.get("processes", [saved])  # a checkpoint of cnnlab ≤ 0.1 holds one process's state
-        if len(processes) != trainer.world_size:
-            log.warning(
-                f"the checkpoint holds the random state of {len(processes)} process(es), this run has "
-                f"{trainer.world_size}: each epoch's order is the one of (seed, epoch) as before, but dropout masks "
-                f"and augmentations are drawn afresh, not as the run would have drawn them unstopped"
-            )
-            return
-        state = processes[trainer.global_rank]
+        processes = saved.get("processes", [saved])  # an earlier checkpoint holds one process's state
+        state = processes[trainer.global_rank % len(processes)]
         torch.set_rng_state(state["torch"])
         numpy = state["numpy"]
         keys = numpy["keys"].numpy().astype(np.uint32)

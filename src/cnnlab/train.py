@@ -146,6 +146,7 @@ def train(cfg: DictConfig) -> dict | None:
     datamodule, module, trainer = build(cfg, resuming=checkpoint)
     if checkpoint is not None:
         resume.check_shapes(module, checkpoint, resume_from)
+        resume.check_processes(trainer, checkpoint, resume_from)
     guard = next((c for c in trainer.callbacks if isinstance(c, resume.RunGuard)), None)
     with guard.handling_signals() if guard else nullcontext(), scale.process_group_ended_after():
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
