@@ -1,5 +1,6 @@
 """Fixtures made on the fly: tiny CIFAR-10-shaped data sets in every format the DataModule reads."""
 
+import os
 import pickle
 import subprocess
 import sys
@@ -76,6 +77,12 @@ def torchvision_cifar(tmp_path, monkeypatch) -> Path:
     # Our files cannot match torchvision's md5 sums of the real batches; everything else is torchvision's.
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
     return tmp_path
+
+
+def with_root_on_path() -> dict[str, str]:
+    """This process's environment with the checkout first on PYTHONPATH (a `src/train.py` started by a test imports
+    tests.callbacks), and whatever was on it kept (bench/gpu.sh's installed wheels, make test-floors' versions)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def compose_config(name: str, overrides: list[str]):

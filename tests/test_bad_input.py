@@ -125,7 +125,16 @@ IN_PROCESS = {
         lambda t: ["+trainer.foo=1"],
         r"trainer.foo is not an option of lightning.Trainer; its options: .*max_epochs",
     ),
-    "`seed` that is not an integer": (lambda t: ["seed=abc"], r"seed='abc' is not an integer"),
+    "`seed` that is not an integer": (lambda t: ["seed=abc"], r"seed='abc' must be an integer from 0 to 2³² − 1"),
+    "`seed` outside 0 … 2³² − 1": (lambda t: ["seed=-1"], r"seed=-1 must be an integer from 0 to 2³² − 1"),
+    "`float32_matmul_precision` not one of highest, high, medium": (
+        lambda t: ["float32_matmul_precision=low"],
+        r"float32_matmul_precision='low' is not one of highest, high, medium",
+    ),
+    "`callbacks.run_guard.every_n_steps` (or `scaler_patience`) < 1": (
+        lambda t: ["callbacks.run_guard.every_n_steps=0"],
+        r"callbacks.run_guard.every_n_steps=0 must be an integer ≥ 1",
+    ),
     "`keep_freed_memory` that is not a boolean": (
         lambda t: ["keep_freed_memory=maybe"],
         r"keep_freed_memory='maybe' is not true or false",
@@ -147,6 +156,11 @@ IN_PROCESS = {
         r"ckpt_path=.*epoch_000.ckpt was trained with another model \(net.conv1.weight \(32, 3, 3, 3\) vs "
         r"\(16, 3, 3, 3\) here.*pass the model.\* overrides",
     ),
+    "`ckpt_path` of a run on another number of processes": (
+        lambda t: [f"ckpt_path={t.checkpoint_of_processes(2)}"],
+        r"ckpt_path=.*two-processes.ckpt was written by a run of 2 process\(es\), this one has 1 \(trainer.devices "
+        r"× trainer.num_nodes\): resume it with the same number",
+    ),
     "`ckpt_path=last` with no run to resume": (
         lambda t: ["ckpt_path=last", f"outputs_root={t.tmp_path / 'no-runs'}"],
         r"ckpt_path=last: no last.ckpt under .*no-runs/",
@@ -164,6 +178,11 @@ if not torch.cuda.is_available():
     IN_PROCESS["`trainer.accelerator=gpu` on a machine without a GPU"] = (
         lambda t: ["trainer.accelerator=gpu"],
         r"trainer.accelerator=gpu: this machine has no CUDA GPU that torch can use; use trainer.accelerator=cpu",
+    )
+if not torch.backends.mps.is_available():
+    IN_PROCESS["`trainer.accelerator=mps` on a machine without an Apple GPU"] = (
+        lambda t: ["trainer.accelerator=mps"],
+        r"trainer.accelerator=mps: this machine has no Apple GPU that torch can use; use trainer.accelerator=cpu",
     )
 
 # Rows that Hydra answers before our code runs, or that only a command line can make: (arguments, message).
@@ -205,6 +224,14 @@ class Case:
     def checkpoint(self) -> Path:
         return trained_checkpoint([*self.tiny_overrides, f"output_dir={self.tmp_path / 'trained'}"], self.tmp_path)
 
+    def checkpoint_of_processes(self, processes: int) -> Path:
+        """A checkpoint as a run of `processes` processes writes it (its batches' state says how many)."""
+        checkpoint = torch.load(self.checkpoint(), weights_only=True)
+        (batches,) = checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        batches["world_size"] = processes
+        torch.save(checkpoint, self.tmp_path / "two-processes.ckpt")
+        return self.tmp_path / "two-processes.ckpt"
+
 
 def documented_inputs() -> list[str]:
     rows = [line.split("|")[1].strip() for line in TABLE.read_text().splitlines() if line.startswith("| ")]
@@ -212,7 +239,11 @@ def documented_inputs() -> list[str]:
 
 
 def test_every_row_of_the_table_has_a_test():
-    tested = set(IN_PROCESS) | set(COMMAND_LINE) | {"`trainer.accelerator=gpu` on a machine without a GPU"}
+    tested = set(IN_PROCESS) | set(COMMAND_LINE)
+    tested |= {
+        "`trainer.accelerator=gpu` on a machine without a GPU",
+        "`trainer.accelerator=mps` on a machine without an Apple GPU",
+    }
     assert sorted(documented_inputs()) == sorted(tested)
 
 

@@ -5,7 +5,6 @@ training step until the signal is sent. The tiny data has 60 training images in 
 """
 
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cnnlab import UserError
 from cnnlab.resume import AtomicCheckpointIO
 from cnnlab.train import train
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, with_root_on_path
 
 STEPS_PER_EPOCH = 4
 # SGD + StepLR (the scheduler's position matters), 3 epochs, deterministic algorithms.
@@ -59,7 +58,7 @@ def start_paused(tiny_overrides: list[str], run: Path, step: int, extra=()) -> t
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "src" / "train.py"), *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=with_root_on_path(),
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not marker.exists():
@@ -81,7 +80,7 @@ def run_command(line: str) -> subprocess.CompletedProcess:
     """Run a printed `python src/train.py ...` command line, as a user would paste it."""
     args = shlex.split(line)
     assert args[0] == "python"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the stopped run used tests.callbacks.PauseAt
+    env = with_root_on_path()  # the stopped run used tests.callbacks.PauseAt
     return subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 

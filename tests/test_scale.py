@@ -13,7 +13,7 @@ import torch
 
 from cnnlab import UserError
 from cnnlab.train import evaluate, train
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, with_root_on_path
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,15 @@ def test_precision_is_a_group_that_wins_over_an_experiment(overrides, precision)
     assert compose_config("train", overrides).trainer.precision == precision
 
 
+def test_fast_gpu_autotunes_cudnn_and_allows_tf32_matmuls_which_train_applies(tiny_overrides, monkeypatch):
+    cfg = compose_config("train", ["experiment=fast_gpu"])
+    assert (cfg.trainer.benchmark, cfg.float32_matmul_precision) == (True, "high")
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda value: applied.append(value))
+    applied = []
+    train(compose_config("train", [*tiny_overrides, "float32_matmul_precision=medium", "trainer.max_steps=1"]))
+    assert applied == ["medium"]
+
+
 def test_ddp_on_two_cpu_processes_shards_the_data_and_leaves_one_run_dir(tree_archive, tmp_path):
     shards = tmp_path / "shards"
     done = subprocess.run(
@@ -33,7 +42,7 @@ def test_ddp_on_two_cpu_processes_shards_the_data_and_leaves_one_run_dir(tree_ar
          "trainer.max_epochs=2", "data.val_size=20", "data.batch_size=8", f"data.root={tree_archive}",
          f"data.cache_dir={tmp_path / 'cache'}", "+callbacks.record._target_=tests.callbacks.RecordShard",
          f"+callbacks.record.folder={shards}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = (tmp_path / "outputs" / "runs").iterdir()  # one run dir for both processes
@@ -79,7 +88,7 @@ def torchrun(*args: str, tmp_path, port: int, nnodes: int = 1, node_rank: int = 
          f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
          str(ROOT / "src" / "train.py"), *args],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=with_root_on_path(),
     )  # fmt: skip
 
 
@@ -152,7 +161,7 @@ def test_a_joblib_sweep_runs_two_jobs_at_once_each_on_its_share_of_the_cores(tre
          f"data.cache_dir={tmp_path / 'cache'}", "optimizer=adam,sgd_steplr", f"hydra.sweep.dir={sweep}",
          "+callbacks.threads._target_=tests.callbacks.RecordThreads", f"+callbacks.threads.folder={threads}",
          "+callbacks.threads.job=${hydra:job.num}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"sweep: 2 of 2 jobs finished; {sweep}" in done.stdout.splitlines()  # the workers' lines may come later
@@ -170,7 +179,7 @@ def search(tree_archive, tmp_path, trials: int) -> subprocess.CompletedProcess:
          f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'search'}",
          "+callbacks.fail._target_=tests.callbacks.FailJob", "+callbacks.fail.job=${hydra:job.num}",
          "+callbacks.fail.fail=1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
     )  # fmt: skip
 
 
@@ -285,7 +294,7 @@ def test_a_preempted_submitit_job_checkpoints_is_requeued_and_resumes(tree_archi
          f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
          "+callbacks.preempt._target_=tests.callbacks.SignalAt", "+callbacks.preempt.step=5",
          "+callbacks.preempt.signal=SIGUSR2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (job,) = sweep.glob("0_*")
@@ -307,7 +316,7 @@ def test_ddp_stopped_on_one_process_resumes_to_the_unstopped_runs_metrics_with_d
     deterministic = ["trainer.max_epochs=2", "trainer.deterministic=true", "optimizer=sgd_steplr", "model.dropout=0.5",
                      "+callbacks.draw._target_=tests.callbacks.DrawOnFirstProcess",
                      "+callbacks.record._target_=tests.callbacks.RecordShard"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = with_root_on_path()
 
     def run(name: str, *extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -366,7 +375,7 @@ def test_a_nan_loss_on_one_ddp_process_stops_both_with_one_error_line(tree_archi
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=with_root_on_path(),
     )  # fmt: skip  (a hang would end in the timeout: the other process waiting in DDP's gradient all-reduce)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "Traceback" not in done.stderr

@@ -254,6 +254,10 @@ def check(cfg: DictConfig) -> None:
     lr = (cfg.get("optimizer") or {}).get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0):
         refuse(f"optimizer.lr={lr!r} must be a number ≥ 0, e.g. optimizer.lr=0.001")
+    matmul = cfg.get("float32_matmul_precision", "highest")
+    if matmul not in ("highest", "high", "medium"):
+        refuse(f"float32_matmul_precision={matmul!r} is not one of highest, high, medium "
+               f"(torch.set_float32_matmul_precision)")  # fmt: skip
     if cfg.get("trainer") is not None:
         check_trainer(cfg.trainer, refuse)
     if cfg.get("output_dir") is not None and (problem := writable_dir(cfg.output_dir)):
@@ -282,6 +286,15 @@ def check_trainer(trainer: DictConfig, refuse) -> None:
                f"use trainer.accelerator=cpu (or auto)")  # fmt: skip
     if accelerator == "mps" and not torch.backends.mps.is_available():
         refuse("trainer.accelerator=mps: this machine has no Apple GPU that torch can use; use trainer.accelerator=cpu")
+    precision = str(trainer.get("precision"))
+    if precision.startswith("bf16") and accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # an older torch, which does not count emulation
+            native = torch.cuda.is_bf16_supported()
+        if not native:
+            refuse(f"trainer.precision={precision}: this GPU ({torch.cuda.get_device_name()}) has no bfloat16; "
+                   f"use precision=fp16 (16-mixed, with a GradScaler) or precision=fp32")  # fmt: skip
     allowed = [value for part in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(part)]
     if trainer.get("precision") is not None and trainer.precision not in allowed:
         names = ", ".join(str(value) for value in allowed if isinstance(value, str) and "-" in value)

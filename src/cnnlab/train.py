@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -142,6 +143,7 @@ def train(cfg: DictConfig) -> dict | None:
                  f"in {cfg.output_dir}")  # fmt: skip
     L.seed_everything(cfg.seed, workers=True)  # an integer seed is applied, 0 included
     keep_freed_memory(cfg.get("keep_freed_memory", True))
+    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
     scale.share_the_machine(cfg)  # a job among others running at once on GPUs: a GPU of its own
     datamodule, module, trainer = build(cfg, resuming=checkpoint)
     if checkpoint is not None:
