@@ -8,7 +8,7 @@ OPTIMIZERS ?= adam,sgd_steplr
 SEEDS      ?= 0,1,2
 COMPARE_DIR := outputs/multiruns/$(shell date +%Y-%m-%d_%H-%M-%S)_compare
 
-.PHONY: help install train sweep compare tensorboard bench bench-quick bench-gpu test lint clean
+.PHONY: help install train sweep compare tensorboard bench bench-quick bench-gpu test test-floors lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,16 @@ bench-gpu: $(VENV)/.installed  ## on a CUDA machine: throughput + time to 70.51 
 
 test: $(VENV)/.installed  ## the test suite (CPU, no network, a few minutes)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The floors of pyproject.toml's pure-Python dependencies (lightning>=2.6.0 → lightning==2.6.0), installed into
+# .floors/ in front of .venv's own versions.
+FLOORED := lightning torchmetrics hydra-core omegaconf tensorboard
+FLOORS   = $(shell $(BIN)/python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print(*(re.sub(r'>=([^,<]+).*', r'==\1', d) for d in deps if re.split('[<>=]', d)[0] in '$(FLOORED)'.split()))")
+
+test-floors: $(VENV)/.installed  ## the oldest versions pyproject.toml admits: a part of the suite on them (~1.5 min)
+	rm -rf .floors && $(BIN)/pip install --quiet --no-deps --target .floors $(FLOORS)
+	PYTHONPATH=.floors $(BIN)/python -c "import importlib.metadata as m; print('floors:', *(f'{p}=={m.version(p)}' for p in '$(FLOORED)'.split()))"
+	PYTHONPATH=.floors $(BIN)/python -m pytest -q tests/test_train.py tests/test_resume.py tests/test_recipe.py
 
 lint: $(VENV)/.installed  ## ruff: lint and format check
 	$(BIN)/ruff check src tests bench
