@@ -2,14 +2,19 @@
 
 Lightning restores weights, optimizer, scheduler and loop progress from a checkpoint, and the batch iterator's
 position through its state_dict (cnnlab.data.TensorBatches). What it leaves to us (Lightning 2.6):
-- the random number generators: `RngState` saves torch's (and CUDA's), numpy's and Python's in the checkpoint
-  and puts them back when training starts, so a resumed run draws the same shuffles and dropout masks as one
-  that was never stopped;
+- the random number generators: `RngState` saves every process's (torch's, its CUDA device's, numpy's,
+  Python's) in the checkpoint and gives each process its own back when training starts, so a resumed run draws
+  the same dropout masks and augmentations as one that was never stopped (the epochs' orders need no state:
+  they follow from (seed, epoch));
 - signals: `RunGuard` turns Ctrl-C (SIGINT) and SIGTERM into a checkpoint at the end of the current step and an
   `Interrupted` exception, which the entry point turns into one line and exit status 128 + signal (130, 143);
 - a NaN/inf loss: `RunGuard` stops before the optimizer step, with last.ckpt holding the last finite weights;
+  under DDP both decisions are taken by all processes together (one all-reduce a step);
 - SLURM's pre-emption and time limit: `RunGuard` also takes SIGUSR2 (submitit's), checkpoints, hands over to
-  submitit's handler, which requeues the job; the job started again resumes from it (`requeued_checkpoint`);
+  submitit's handler, which requeues the job; the job started again resumes from it (`requeued_checkpoint`, only
+  from a checkpoint that the same submitit job wrote);
+- a checkpoint of another network or of another number of processes is refused in one line (`check_shapes`,
+  `check_processes`);
 - `ckpt_path=last`: `find_checkpoint` takes the newest last.ckpt under the outputs folder;
 - a resumed run continues in the run dir that holds its checkpoint (`run_dir_of`, used by config.run_dir, Hydra's
   run-dir resolver), so its ModelCheckpoint keeps its record of the best checkpoint and TensorBoard shows one run.
@@ -218,7 +223,6 @@ class RngState(Callback):
     def __init__(self):
         self.to_restore: dict | None = None
         self.trainer: Trainer | None = None
-        self.device: torch.device | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.trainer = trainer
@@ -302,10 +306,11 @@ class RunGuard(Callback):
     the weights of the step before. Under 16-mixed the GradScaler skips a step whose gradients overflow and lowers
     its scale: a non-finite loss stops the run only when `scaler_patience` losses in a row are.
 
-    Both decisions are taken together every `every_n_steps` steps, before the backward pass: with several
-    processes (DDP) in one all-reduce of a small vector (the signal asked for, each process's loss verdict), so
-    that all of them stop at the same step and write the one checkpoint together (a collective call), even when
-    the signal or the bad loss reached only one of them; on one process by reading the losses. With
+    Both decisions are taken together every `every_n_steps` steps: with several processes (DDP) in one all-reduce
+    of a small vector (the signal asked for, each process's loss verdict), sent before the backward pass and
+    counted before the optimizer step (it travels while the backward pass computes), so that all of them stop at
+    the same step and write the one checkpoint together (a collective call), even when the signal or the bad
+    loss reached only one of them; on one process by reading the loss before the backward pass. With
     `every_n_steps` > 1 a GPU reads the losses once per N steps (no host sync in between), a stop comes up to N
     steps later, and a diverged run keeps its last checkpoint rather than the weights of the step before.
 
@@ -326,6 +331,7 @@ class RunGuard(Callback):
         self.requested: int | None = None  # the signal that asked to stop, in this process
         self.agreed: int | None = None  # the signal that all processes agreed to stop for
         self.losses: list[torch.Tensor] = []  # the training losses since the last decision
+        self.votes: tuple | None = None  # an all-reduce on its way: (its tensor, its work handle)
         self.batches = 0
         self.nonfinite_in_a_row = 0  # decisions in a row that found a non-finite loss (16-mixed: skipped steps)
         self.training = False
@@ -387,25 +393,40 @@ class RunGuard(Callback):
         elif trainer.world_size == 1:
             return  # nothing to decide together: a signal is taken at the step's end
         self.batches += 1
-        if self.batches % self.every_n_steps == 0:
-            self.decide(trainer, pl_module)
-
-    def decide(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.batches % self.every_n_steps:
+            return
         losses, self.losses = self.losses, []
-        world_size = trainer.world_size
-        if world_size == 1:
+        if trainer.world_size == 1:
             values = [loss.item() for loss in losses]  # scalars: .item() is the cheap read
             worst = max((0 if math.isfinite(v) else 1 if math.isnan(v) else 2 if v > 0 else 3 for v in values),
                         default=0)  # fmt: skip
-            verdicts = [worst]
-        else:  # one all-reduce: [signal asked for, process 0's loss verdict, process 1's, …], the maximum of each
-            votes = torch.zeros(1 + world_size, device=pl_module.device)
-            votes[0] = self.requested or 0
-            if losses:
-                votes[1 + trainer.global_rank] = nonfinite_code(torch.stack(losses).float())
-            votes = trainer.strategy.reduce(votes, reduce_op=torch.distributed.ReduceOp.MAX)
-            signum, *verdicts = (int(v) for v in votes.tolist())
-            self.agreed = self.agreed or signum or None
+            self.decide(trainer, [worst])
+            return
+        self.count_votes(trainer)  # one still out (accumulated gradients: several backward passes a step)
+        # One all-reduce: [signal asked for, process 0's loss verdict, process 1's, …], the maximum of each. Sent
+        # now and counted before the optimizer step, so that it travels while the backward pass computes.
+        votes = torch.zeros(1 + trainer.world_size, device=pl_module.device)
+        votes[0] = self.requested or 0
+        if losses:
+            votes[1 + trainer.global_rank] = nonfinite_code(torch.stack(losses).float())
+        work = torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        self.votes = (votes, work)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        self.count_votes(trainer)
+
+    def count_votes(self, trainer: Trainer) -> None:
+        if self.votes is None:
+            return
+        (votes, work), self.votes = self.votes, None
+        work.wait()
+        signum, *verdicts = (int(v) for v in votes.tolist())
+        self.agreed = self.agreed or signum or None
+        self.decide(trainer, verdicts)
+
+    def decide(self, trainer: Trainer, verdicts: list[int]) -> None:
+        """Stop on a non-finite loss (`verdicts`: one code of NONFINITE a process), before the optimizer step."""
+        world_size = trainer.world_size
         bad = {rank: NONFINITE[v] for rank, v in enumerate(verdicts) if v}
         if not bad:
             self.nonfinite_in_a_row = 0
@@ -440,6 +461,7 @@ class RunGuard(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         # Several processes stop on the signal they agreed on; one alone needs no agreement.
+        self.count_votes(trainer)  # counted before the optimizer step already, unless this step took none
         signum = self.agreed if trainer.world_size > 1 else self.requested
         if signum is None:
             return
