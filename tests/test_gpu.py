@@ -97,3 +97,19 @@ def test_ddp_on_two_gpus_stopped_and_resumed_keeps_its_shards(tree_archive, tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (metrics_of(tmp_path)["epochs"], metrics_of(tmp_path)["global_step"]) == (2, 8)
     assert_disjoint_and_complete(read_shards(tmp_path / "shards"), epochs=2)
+
+
+def test_a_checkpoint_from_a_machine_with_more_gpus_resumes_on_this_one(tree_archive, tmp_path):
+    """An earlier checkpoint format kept the random state of every GPU of the machine (8 here); restoring all of
+    them on a machine with fewer failed with 'invalid device ordinal'. Each process now restores its own."""
+    done = train_py(tree_archive, tmp_path, "trainer.accelerator=gpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    (state,) = checkpoint["callbacks"]["RngState"]["processes"]
+    checkpoint["callbacks"]["RngState"] = {**state, "cuda": [state["cuda"]] * 8}  # the older, one-process format
+    torch.save(checkpoint, tmp_path / "eight-gpus.ckpt")
+    resumed = train_py(tree_archive, tmp_path, "trainer.accelerator=gpu", "trainer.max_epochs=2",
+                       f"ckpt_path={tmp_path / 'eight-gpus.ckpt'}", run="resumed")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics_of(tmp_path, "resumed")["epochs"] == 2
