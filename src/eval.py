@@ -6,7 +6,7 @@ Pass the same model.* overrides as for training. The work is cnnlab.train.evalua
 import hydra
 from omegaconf import DictConfig
 
-import cnnlab.config  # noqa: F401  (registers the run-dir resolvers and the config schemas)
+import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
@@ -23,4 +23,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cnnlab.config.run_entry(main)

@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import cnnlab.config  # noqa: F401  (registers the resolvers and the config schemas)
+import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="shapes")
@@ -19,9 +19,11 @@ def main(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     from cnnlab import UserError
+    from cnnlab.checks import check
     from cnnlab.inside import format_table, quiz, shape_table
 
     try:
+        check(cfg)
         if cfg.size is not None or cfg.kernel is not None:
             if cfg.size is None or cfg.kernel is None:
                 raise UserError("size=<in> kernel=<k> [stride=1] [padding=0]: give both size and kernel")
@@ -37,4 +39,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cnnlab.config.run_entry(main)

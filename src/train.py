@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import cnnlab.config  # noqa: F401  (registers the run-dir resolvers and the config schemas)
+import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -36,5 +36,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    cnnlab.config.refuse_numeric_precision(sys.argv[1:])
-    main()
+    cnnlab.config.run_entry(main, resume=True)

@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import cnnlab.config  # noqa: F401  (registers the resolvers and the config schemas)
+import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="visualize")
@@ -25,4 +25,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cnnlab.config.run_entry(main)

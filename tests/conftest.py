@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-import cnnlab.config  # noqa: F401  (resolvers and schemas, as the entry points register them)
+import cnnlab.config  # noqa: F401  (the resolvers, as the entry points register them)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

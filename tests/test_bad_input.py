@@ -49,170 +49,114 @@ def offline(monkeypatch):
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
 
 
-# input (as the table's first column) → (make the overrides, the message it gets, as a regular expression)
+# input (as the table's first column) → the overrides that make it; the line it gets is the table's
 IN_PROCESS = {
-    "`data.root` does not exist (with `data.download=false`)": (
-        lambda t: [f"data.root={t.tmp_path / 'nothing'}", "data.download=false"],
-        r"data.root=.*nothing: no such file or folder \(and data.download=false\)",
+    "`data.root` does not exist (with `data.download=false`)": lambda t: [
+        f"data.root={t.tmp_path / 'nothing'}",
+        "data.download=false",
+    ],
+    "`data.root` is an empty folder (with `data.download=false`)": lambda t: [
+        f"data.root={(t.tmp_path / 'empty').mkdir() or t.tmp_path / 'empty'}",
+        "data.download=false",
+    ],
+    "`data.root` has no CIFAR-10 and cannot be downloaded (offline)": lambda t: (
+        offline(t.monkeypatch) or [f"data.root={t.tmp_path / 'new'}", "data.download=true"]
     ),
-    "`data.root` is an empty folder (with `data.download=false`)": (
-        lambda t: [f"data.root={(t.tmp_path / 'empty').mkdir() or t.tmp_path / 'empty'}", "data.download=false"],
-        r"data.root=.*empty: no CIFAR-10 found",
+    "`data.root` is a file that is not an archive": lambda t: [
+        f"data.root={write(t.tmp_path / 'notes.txt', b'hello')}"
+    ],
+    "`data.root` is a truncated archive": lambda t: [
+        f"data.root={write(t.tmp_path / 'cut.tar.gz', t.tree_archive.read_bytes()[:20000])}"
+    ],
+    "`data.root` is a corrupt archive": lambda t: [
+        f"data.root={write(t.tmp_path / 'noise.tar.gz', bytes(range(256)) * 64)}"
+    ],
+    "an image that cannot be decoded": lambda t: tree_with(
+        t.image_tree, t.tmp_path, lambda tree: write(tree / "train/cat/0003.png", b"not a png")
     ),
-    "`data.root` has no CIFAR-10 and cannot be downloaded (offline)": (
-        lambda t: offline(t.monkeypatch) or [f"data.root={t.tmp_path / 'new'}", "data.download=true"],
-        r"data.root=.*new: could not download torchvision's CIFAR-10 \(.*no network",
+    "an image of another size": lambda t: tree_with(
+        t.image_tree, t.tmp_path, lambda tree: Image.new("RGB", (16, 16)).save(tree / "train/dog/0001.png")
     ),
-    "`data.root` is a file that is not an archive": (
-        lambda t: [f"data.root={write(t.tmp_path / 'notes.txt', b'hello')}"],
-        r"data.root=.*notes.txt is a file but not an archive",
+    "a class in `test/` that `train/` does not have": lambda t: tree_with(
+        t.image_tree,
+        t.tmp_path,
+        lambda tree: write(tree / "test/zebra/0.png", (tree / "test/cat/0000.png").read_bytes()),
     ),
-    "`data.root` is a truncated archive": (
-        lambda t: [f"data.root={write(t.tmp_path / 'cut.tar.gz', t.tree_archive.read_bytes()[:20000])}"],
-        r"data.root=.*cut.tar.gz: cannot read it, truncated or damaged\?",
-    ),
-    "`data.root` is a corrupt archive": (
-        lambda t: [f"data.root={write(t.tmp_path / 'noise.tar.gz', bytes(range(256)) * 64)}"],
-        r"data.root=.*noise.tar.gz: cannot read it, truncated or damaged\?",
-    ),
-    "an image that cannot be decoded": (
-        lambda t: tree_with(t.image_tree, t.tmp_path, lambda tree: write(tree / "train/cat/0003.png", b"not a png")),
-        r"cannot decode image train/cat/0003.png: not an image PIL can identify",
-    ),
-    "an image of another size": (
-        lambda t: tree_with(
-            t.image_tree, t.tmp_path, lambda tree: Image.new("RGB", (16, 16)).save(tree / "train/dog/0001.png")
-        ),
-        r"image train/dog/0001.png is \(16, 16, 3\), the first one is \(32, 32, 3\)",
-    ),
-    "a class in `test/` that `train/` does not have": (
-        lambda t: tree_with(
-            t.image_tree,
-            t.tmp_path,
-            lambda tree: write(tree / "test/zebra/0.png", (tree / "test/cat/0000.png").read_bytes()),
-        ),
-        r"test classes \['zebra'\] have no train images",
-    ),
-    "more classes in the data than `model.num_classes`": (
-        lambda t: ["model.num_classes=5"],
-        r"the data has 10 classes, model.num_classes=5: set model.num_classes=10",
-    ),
-    "`optimizer.lr` < 0": (lambda t: ["optimizer.lr=-0.1"], r"optimizer.lr=-0.1 must be a number ≥ 0"),
-    "`data.batch_size` < 1": (lambda t: ["data.batch_size=0"], r"data.batch_size=0 must be ≥ 1"),
-    "`data.val_size` < 1": (lambda t: ["data.val_size=0"], r"data.val_size=0 must be ≥ 1"),
-    "`data.val_size` ≥ the training images": (
-        lambda t: ["data.val_size=80"],
-        r"data.val_size=80 must be between 1 and 79",
-    ),
-    "`model.dropout` outside [0, 1)": (lambda t: ["model.dropout=1.0"], r"model.dropout=1.0 must be in \[0, 1\)"),
-    "`loss.label_smoothing` outside [0, 1)": (
-        lambda t: ["loss.label_smoothing=1.0"],
-        r"loss.label_smoothing=1.0 must be in \[0, 1\)",
-    ),
-    "shapes that do not fit (`model.conv2_kernel=20`)": (
-        lambda t: ["model.conv2_kernel=20"],
-        r"model: conv2 \(kernel 20, stride 1, padding 0\) does not fit its 15×15 input",
-    ),
-    "an unknown `trainer.precision`": (
-        lambda t: ["trainer.precision=fp8"],
-        r"trainer.precision=fp8 is not a precision: use one of .*bf16-mixed",
-    ),
-    "an unknown `trainer.accelerator`": (
-        lambda t: ["trainer.accelerator=tpu9"],
-        r"trainer.accelerator=tpu9 is not an accelerator: use one of auto, cpu, cuda, gpu",
-    ),
-    "an unknown key added under `trainer` (`+trainer.foo=1`)": (
-        lambda t: ["+trainer.foo=1"],
-        r"trainer.foo is not an option of lightning.Trainer; its options: .*max_epochs",
-    ),
-    "`seed` that is not an integer": (lambda t: ["seed=abc"], r"seed='abc' must be an integer from 0 to 2³² − 1"),
-    "`seed` outside 0 … 2³² − 1": (lambda t: ["seed=-1"], r"seed=-1 must be an integer from 0 to 2³² − 1"),
-    "`float32_matmul_precision` not one of highest, high, medium": (
-        lambda t: ["float32_matmul_precision=low"],
-        r"float32_matmul_precision='low' is not one of highest, high, medium",
-    ),
-    "`callbacks.run_guard.every_n_steps` (or `scaler_patience`) < 1": (
-        lambda t: ["callbacks.run_guard.every_n_steps=0"],
-        r"callbacks.run_guard.every_n_steps=0 must be an integer ≥ 1",
-    ),
-    "`keep_freed_memory` that is not a boolean": (
-        lambda t: ["keep_freed_memory=maybe"],
-        r"keep_freed_memory='maybe' is not true or false",
-    ),
-    "`ckpt_path` that does not exist": (
-        lambda t: [f"ckpt_path={t.tmp_path / 'nope.ckpt'}"],
-        r"ckpt_path=.*nope.ckpt: no such checkpoint file",
-    ),
-    "`ckpt_path` that is not a checkpoint": (
-        lambda t: [f"ckpt_path={write(t.tmp_path / 'notes.ckpt', b'hello')}"],
-        r"ckpt_path=.*notes.ckpt: not a checkpoint that loads safely \(truncated, damaged or not made by cnnlab\)",
-    ),
-    "`ckpt_path` that is truncated": (
-        lambda t: [f"ckpt_path={write(t.tmp_path / 'cut.ckpt', t.checkpoint().read_bytes()[:50000])}"],
-        r"ckpt_path=.*cut.ckpt: not a checkpoint that loads safely",
-    ),
-    "`ckpt_path` of a model with other shapes": (
-        lambda t: [f"ckpt_path={t.checkpoint()}", "model.conv1_channels=16"],
-        r"ckpt_path=.*epoch_000.ckpt was trained with another model \(net.conv1.weight \(32, 3, 3, 3\) vs "
-        r"\(16, 3, 3, 3\) here.*pass the model.\* overrides",
-    ),
-    "`ckpt_path` of a run on another number of processes": (
-        lambda t: [f"ckpt_path={t.checkpoint_of_processes(2)}"],
-        r"ckpt_path=.*two-processes.ckpt was written by a run of 2 process\(es\), this one has 1 \(trainer.devices "
-        r"× trainer.num_nodes\): resume it with the same number",
-    ),
-    "`ckpt_path=last` with no run to resume": (
-        lambda t: ["ckpt_path=last", f"outputs_root={t.tmp_path / 'no-runs'}"],
-        r"ckpt_path=last: no last.ckpt under .*no-runs/",
-    ),
-    "an output folder that cannot be written": (
-        lambda t: [f"output_dir={write(t.tmp_path / 'a-file', b'') / 'run'}"],
-        r"output_dir=.*a-file/run: cannot write the run's outputs there \(Not a directory\)",
-    ),
-    "a learning rate that makes the loss diverge": (
-        lambda t: ["optimizer=sgd_steplr", "optimizer.lr=1e12"],
-        r"the training loss is nan at epoch 0, step \d+ \(learning rate 1e\+12\): training diverged.*optimizer.lr",
-    ),
+    "more classes in the data than `model.num_classes`": lambda t: ["model.num_classes=5"],
+    "`optimizer.lr` < 0": lambda t: ["optimizer.lr=-0.1"],
+    "`data.batch_size` < 1": lambda t: ["data.batch_size=0"],
+    "`data.val_size` < 1": lambda t: ["data.val_size=0"],
+    "`data.val_size` ≥ the training images": lambda t: ["data.val_size=80"],
+    "`model.dropout` outside [0, 1)": lambda t: ["model.dropout=1.0"],
+    "`loss.label_smoothing` outside [0, 1)": lambda t: ["loss.label_smoothing=1.0"],
+    "shapes that do not fit (`model.conv2_kernel=20`)": lambda t: ["model.conv2_kernel=20"],
+    "an unknown `trainer.precision`": lambda t: ["trainer.precision=fp8"],
+    "an unknown `trainer.accelerator`": lambda t: ["trainer.accelerator=tpu9"],
+    "an unknown key added under `trainer` (`+trainer.foo=1`)": lambda t: ["+trainer.foo=1"],
+    "`seed` that is not an integer": lambda t: ["seed=abc"],
+    "`seed` outside 0 … 2³² − 1": lambda t: ["seed=-1"],
+    "`float32_matmul_precision` not one of highest, high, medium": lambda t: ["float32_matmul_precision=low"],
+    "`callbacks.run_guard.every_n_steps` (or `scaler_patience`) < 1": lambda t: ["callbacks.run_guard.every_n_steps=0"],
+    "`keep_freed_memory` that is not a boolean": lambda t: ["keep_freed_memory=maybe"],
+    "`ckpt_path` that does not exist": lambda t: [f"ckpt_path={t.tmp_path / 'nope.ckpt'}"],
+    "`ckpt_path` that is not a checkpoint": lambda t: [f"ckpt_path={write(t.tmp_path / 'notes.ckpt', b'hello')}"],
+    "`ckpt_path` that is truncated": lambda t: [
+        f"ckpt_path={write(t.tmp_path / 'cut.ckpt', t.checkpoint().read_bytes()[:50000])}"
+    ],
+    "`ckpt_path` of a model with other shapes": lambda t: [f"ckpt_path={t.checkpoint()}", "model.conv1_channels=16"],
+    "`ckpt_path` of a run on another number of processes": lambda t: [f"ckpt_path={t.checkpoint_of_processes(2)}"],
+    "`ckpt_path=last` with no run to resume": lambda t: ["ckpt_path=last", f"outputs_root={t.tmp_path / 'no-runs'}"],
+    "an output folder that cannot be written": lambda t: [f"output_dir={write(t.tmp_path / 'a-file', b'') / 'run'}"],
+    "a learning rate that makes the loss diverge": lambda t: ["optimizer=sgd_steplr", "optimizer.lr=1e12"],
 }
+IN_PROCESS.update(
+    {
+        "an integer key below its range (`model.stride=0`)": lambda t: ["model.stride=0"],
+        "a value of the wrong type (`data.batch_size=many`)": lambda t: ["data.batch_size=many"],
+        "a list as long as the channels, shorter (`data.mean=[0.5,0.5]`)": lambda t: ["data.mean=[0.5,0.5]"],
+        "`optimizer.momentum` outside [0, 1) (Option 2)": lambda t: ["optimizer=sgd_steplr", "optimizer.momentum=-1"],
+        "`scheduler.step_size=0` (Option 2)": lambda t: ["optimizer=sgd_steplr", "scheduler.step_size=0"],
+        "`trainer.max_epochs` below 1 (`trainer.max_epochs=-5`)": lambda t: ["trainer.max_epochs=-5"],
+        "a run that would never end (`trainer.max_epochs=-1`)": lambda t: ["trainer.max_epochs=-1"],
+        "a key made wrong by the key it follows (`optimizer=sgd_cosine trainer.max_epochs=-1`)": lambda t: [
+            "optimizer=sgd_cosine",
+            "trainer.max_epochs=-1",
+            "trainer.max_steps=10",
+        ],
+        "an unknown key added under `optimizer` (`+optimizer.foo=1`)": lambda t: ["+optimizer.foo=1"],
+        "a setting torch's optimizer refuses (`+optimizer.betas=[0.9,1.5]`)": lambda t: ["+optimizer.betas=[0.9,1.5]"],
+        "a `_target_` that cannot be imported": lambda t: ["loss._target_=torch.nn.NoSuchLoss"],
+        "a network too large for this machine's memory": lambda t: ["model.conv1_channels=100000000"],
+        "a batch too large for this machine's memory": lambda t: ["data.batch_size=100000000"],
+        "more processes than this machine has cores (`trainer=ddp trainer.devices=1000`)": lambda t: [
+            "trainer=ddp",
+            "trainer.devices=1000",
+        ],
+        "`trainer.num_nodes` > 1 without torchrun or SLURM": lambda t: ["trainer.num_nodes=2"],
+        "a resume with another optimizer than the checkpoint's": lambda t: [
+            f"ckpt_path={t.checkpoint()}",
+            "optimizer=sgd_steplr",
+        ],
+    }
+)
 if not torch.cuda.is_available():
-    IN_PROCESS["`trainer.accelerator=gpu` on a machine without a GPU"] = (
-        lambda t: ["trainer.accelerator=gpu"],
-        r"trainer.accelerator=gpu: this machine has no CUDA GPU that torch can use; use trainer.accelerator=cpu",
-    )
+    IN_PROCESS["`trainer.accelerator=gpu` on a machine without a GPU"] = lambda t: ["trainer.accelerator=gpu"]
 if not torch.backends.mps.is_available():
-    IN_PROCESS["`trainer.accelerator=mps` on a machine without an Apple GPU"] = (
-        lambda t: ["trainer.accelerator=mps"],
-        r"trainer.accelerator=mps: this machine has no Apple GPU that torch can use; use trainer.accelerator=cpu",
-    )
+    IN_PROCESS["`trainer.accelerator=mps` on a machine without an Apple GPU"] = lambda t: ["trainer.accelerator=mps"]
 
-# Rows that Hydra answers before our code runs, or that only a command line can make: (arguments, message).
+# Rows that Hydra answers before our code runs, or that only a command line can make: their arguments.
 COMMAND_LINE = {
-    "an unknown key under `trainer` (`trainer.foo=1`)": (
-        ["trainer.foo=1"],
-        r"Could not override 'trainer.foo'.\nTo append to your config use \+trainer.foo=1\nKey 'foo' is not in struct",
-    ),
-    "a value of the wrong type (`data.batch_size=many`)": (
-        ["data.batch_size=many"],
-        r"Value 'many' of type 'str' could not be converted to Integer\n    full_key: data.batch_size",
-    ),
-    "an unknown option of a group (`optimizer=adamw`)": (
-        ["optimizer=adamw"],
-        r"Could not find 'optimizer/adamw'\n\nAvailable options in 'optimizer':"
-        r"\n\tadam\n\tsgd_cosine\n\tsgd_onecycle\n\tsgd_steplr",
-    ),
-    "a number as the precision group's option (`precision=32`)": (
-        ["precision=32"],
-        r"error: precision=32: the precision group's options are fp32, bf16, fp16 \(Hydra reads 32 as a number",
-    ),
-    "a sweep's launcher plugin that is not installed (the scale extra)": (
-        ["-m", "hydra/launcher=parallel", "hydra.launcher._target_=hydra_plugins.not_installed.Launcher", "seed=1,2"],
-        r"error: the launcher Launcher is not installed \(hydra_plugins.not_installed\): it comes with cnnlab's "
-        r"scale extra, pip install -e '.\[scale\]'",
-    ),
-    "a run folder that cannot be written (`hydra.run.dir=...`)": (
-        ["hydra.run.dir={tmp}/a-file/run"],
-        r"error: hydra.run.dir=.*a-file/run: cannot write the run's outputs there \(Not a directory\)",
-    ),
+    "an unknown key under `trainer` (`trainer.foo=1`)": ["trainer.foo=1"],
+    "an unknown key at the top level (`epochs=3`)": ["epochs=3"],
+    "an unknown option of a group (`optimizer=adamw`)": ["optimizer=adamw"],
+    "a number as the precision group's option (`precision=32`)": ["precision=32"],
+    "a sweep's launcher plugin that is not installed (the scale extra)": [
+        "-m",
+        "hydra/launcher=parallel",
+        "hydra.launcher._target_=hydra_plugins.not_installed.Launcher",
+        "seed=1,2",
+    ],
+    "a run folder that cannot be written (`hydra.run.dir=...`)": ["hydra.run.dir={tmp}/a-file/run"],
 }
 
 
@@ -233,35 +177,62 @@ class Case:
         return self.tmp_path / "two-processes.ckpt"
 
 
-def documented_inputs() -> list[str]:
-    rows = [line.split("|")[1].strip() for line in TABLE.read_text().splitlines() if line.startswith("| ")]
-    return [row for row in rows if row not in ("input", "---")]
+def table_rows() -> dict[str, str]:
+    """docs/bad-input.md: input (the first column) → the line it gets (the backticked `error: …` of the second)."""
+    rows = {}
+    for line in TABLE.read_text().splitlines():
+        if not line.startswith("| ") or line.startswith(("| input", "| ---")):
+            continue
+        cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        message = next((span for span in re.findall(r"`([^`]*)`", cells[1]) if span.startswith("error: ")), None)
+        assert message, f"the row {cells[0]!r} gives no `error: …` line"
+        rows[cells[0]] = message
+    return rows
+
+
+def as_pattern(message: str) -> str:
+    """A table's message as a regular expression: `<…>` (a path, a value) and `…` (the rest) stand for any text."""
+    parts = re.split(r"(<[^<>]*>|…)", message)
+    return "".join(".*" if part == "…" or (part.startswith("<") and part.endswith(">")) else re.escape(part)
+                   for part in parts)  # fmt: skip
+
+
+ELSEWHERE = {  # rows tested by another test, against the same line of the table
+    "`trainer.accelerator=gpu` on a machine without a GPU": "here, where the machine has none",
+    "`trainer.accelerator=mps` on a machine without an Apple GPU": "here, where the machine has none",
+    "a disk that fills up while a checkpoint is written": "tests/test_resume.py (a small file system it mounts)",
+    "`src/predict.py device=cuda` on a machine without a GPU": "test_predict_device_cuda_without_a_gpu, below",
+}
 
 
 def test_every_row_of_the_table_has_a_test():
-    tested = set(IN_PROCESS) | set(COMMAND_LINE)
-    tested |= {
-        "`trainer.accelerator=gpu` on a machine without a GPU",
-        "`trainer.accelerator=mps` on a machine without an Apple GPU",
-    }
-    assert sorted(documented_inputs()) == sorted(tested)
+    assert sorted(table_rows()) == sorted(set(IN_PROCESS) | set(COMMAND_LINE) | set(ELSEWHERE))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_predict_device_cuda_without_a_gpu():
+    from cnnlab.checks import check
+
+    with pytest.raises(UserError) as error:
+        check(compose_config("predict", ["device=cuda"]))
+    row = "`src/predict.py device=cuda` on a machine without a GPU"
+    assert re.fullmatch(as_pattern(table_rows()[row]), f"error: {error.value}")
 
 
 @pytest.mark.parametrize("row", list(IN_PROCESS))
-def test_bad_input_gets_one_clear_error(row, tmp_path, monkeypatch, tree_archive, image_tree, tiny_overrides):
-    make_overrides, message = IN_PROCESS[row]
+def test_bad_input_gets_the_tables_line(row, tmp_path, monkeypatch, tree_archive, image_tree, tiny_overrides):
     case = Case(tmp_path, monkeypatch, tree_archive, image_tree, tiny_overrides)
-    overrides = [*tiny_overrides, *make_overrides(case)]  # later overrides win
-    with pytest.raises(UserError, match=message) as error:
+    overrides = [*tiny_overrides, *IN_PROCESS[row](case)]  # later overrides win
+    with pytest.raises(UserError) as error:
         train(compose_config("train", overrides))
-    assert "\n" not in str(error.value)  # one line
+    line = f"error: {error.value}"
+    assert re.fullmatch(as_pattern(table_rows()[row]), line), f"the table says {table_rows()[row]!r}, not {line!r}"
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize("row", list(COMMAND_LINE))
-def test_bad_command_line_gets_one_clear_error(row, tmp_path):
-    args, message = COMMAND_LINE[row]
-    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+def test_bad_command_line_gets_the_tables_line(row, tmp_path):
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in COMMAND_LINE[row]]
     (tmp_path / "a-file").write_text("")
     done = subprocess.run(
         [sys.executable, str(ROOT / "src" / "train.py"), *args],
@@ -271,6 +242,7 @@ def test_bad_command_line_gets_one_clear_error(row, tmp_path):
         timeout=120,
     )
     assert done.returncode == 1
-    assert re.search(message, done.stderr), done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-2000:]  # one line, no traceback
+    assert re.fullmatch(as_pattern(table_rows()[row]), lines[0]), f"{table_rows()[row]!r} vs {lines[0]!r}"
     assert not list(tmp_path.glob("outputs/runs/*/metrics.json"))

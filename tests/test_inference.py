@@ -34,7 +34,7 @@ def trained(tree_archive, tmp_path_factory) -> dict:
                                 "outputs_root": str(root), "parity_images": 20, "data": data})  # fmt: skip
         exported[format], exported[f"{format}_parity"] = inference.export_checked(cfg)
     return {"root": root, "run": root / "run", "ckpt": Path(metrics["best_checkpoint"]), "overrides": overrides,
-            "data": data, **exported}  # fmt: skip
+            "data": data, "archive": tree_archive, **exported}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +197,24 @@ def test_evaluate_runs_on_the_trainers_device(trained, tmp_path, monkeypatch):
     cfg = compose_config("eval", overrides)
     assert cfg.trainer.accelerator == "cpu" and evaluate(cfg)["images"] == 20
     assert moved_to == ["cpu"]  # with accelerator auto it would be cuda
-    with pytest.raises(UserError, match="trainer.accelerator=tpu: src/eval.py runs on auto, cpu, gpu, cuda, mps"):
+    with pytest.raises(UserError, match="trainer.accelerator='tpu' must be one of auto, cpu, gpu, cuda, mps"):
         evaluate(compose_config("eval", [*overrides, "trainer.accelerator=tpu"]))
+
+
+@pytest.mark.parametrize(
+    ("tool", "args"),
+    [("eval.py", []), ("export.py", ["format=onnx", "output={tmp}/model.onnx"]), ("visualize.py", [])],
+)
+def test_the_tools_read_the_data_the_model_was_trained_on(tool, args, trained, tmp_path):
+    """No data.root given: the checkpoint's own (a local archive here; the default would try to download)."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / tool), f"ckpt_path={trained['ckpt']}", f"data.cache_dir={tmp_path}",
+         *[arg.replace("{tmp}", str(tmp_path)) for arg in args]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "the data the model was trained on" in line]
+    assert len(said) == 1 and str(trained["archive"]) in said[0], done.stdout[-2000:] + done.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -232,7 +248,7 @@ def test_nothing_predictable_is_an_error_but_one_bad_file_is_not(trained, photos
         (lambda t, p: [f"ckpt_path={reshaped(t, p)}"], r"its weights do not fit its own model"),
         (lambda t, p: [f"ckpt_path={write(p / 'm.onnx', b'garbage')}"], r"not an ONNX model onnxruntime can load"),
         (lambda t, p: [f"ckpt_path={write(p / 'm.pt2', b'garbage')}"], r"not a torch.export program that loads"),
-        (lambda t, p: ["top_k=0"], r"batch_size=256 and top_k=0 must be ≥ 1"),
+        (lambda t, p: ["top_k=0"], r"top_k=0 must be an integer ≥ 1"),
     ],
     ids=[
         "empty folder",

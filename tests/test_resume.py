@@ -5,7 +5,9 @@ training step until the signal is sent. The tiny data has 60 training images in 
 """
 
 import json
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnlab import UserError
@@ -92,10 +95,10 @@ def test_killed_during_epoch_2_resumes_to_bit_identical_weights_and_metrics(tiny
     process.communicate(timeout=60)
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS_PER_EPOCH
 
-    done = subprocess.run(
+    done = subprocess.run(  # the run's own overrides come first, its pause among them: removed here
         [sys.executable, str(ROOT / "src" / "train.py"), "ckpt_path=last", f"outputs_root={tmp_path / 'outputs'}",
-         *[o for o in tiny_overrides if not o.startswith("output_dir=")], *SETTINGS],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+         *[o for o in tiny_overrides if not o.startswith("output_dir=")], *SETTINGS, "~callbacks.pause"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith(f"run_dir={run}")  # continued in the killed run's dir
@@ -312,3 +315,59 @@ def test_only_a_job_that_submitit_requeued_resumes_from_its_own_checkpoint(tmp_p
     monkeypatch.delenv("SUBMITIT_EXECUTOR")
     torch.save({"state_dict": {}, JOB_KEY: "5678"}, last)
     assert requeued_checkpoint(tmp_path) is None  # a plain run never picks up a checkpoint by itself
+
+
+def test_ckpt_path_last_after_a_fast_cpu_run_resumes_with_that_runs_config(tiny_overrides, tmp_path):
+    """The README's `python src/train.py ckpt_path=last`, after a run of experiment=fast_cpu (SGD, a one-cycle
+    schedule, bf16) stopped mid-run: it takes that run's own overrides, not the defaults (Adam), and finishes."""
+    outputs = tmp_path / "outputs"
+    data = [o for o in tiny_overrides if o.startswith(("data.root", "data.cache_dir"))]
+    first = [sys.executable, str(ROOT / "src" / "train.py"), "experiment=fast_cpu", *data, "data.val_size=20",
+             "data.batch_size=16", "trainer=cpu", "trainer.max_epochs=2", f"outputs_root={outputs}",
+             f"hydra.run.dir={outputs / 'runs' / 'fast'}", "+callbacks.stop._target_=tests.callbacks.SignalAt",
+             "+callbacks.stop.step=5", "+callbacks.stop.signal=SIGTERM"]  # fmt: skip
+    stopped = subprocess.run(first, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=with_root_on_path())
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = outputs / "runs" / "fast" / "checkpoints" / "last.ckpt"
+    shutil.copy(last, tmp_path / "stopped.ckpt")
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "ckpt_path=last", f"outputs_root={outputs}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {last} with its run's own overrides: experiment=fast_cpu " in resumed.stderr
+    metrics = json.loads((outputs / "runs" / "fast" / "metrics.json").read_text())
+    assert (metrics["epochs"], metrics["global_step"], metrics["resumed_from"]) == (2, 8, str(last))
+    used = yaml.safe_load((outputs / "runs" / "fast" / ".hydra" / "config.yaml").read_text())
+    assert (used["optimizer"]["_target_"], used["trainer"]["precision"]) == ("torch.optim.SGD", "bf16-mixed")
+
+    # An override that contradicts the checkpoint: one line naming the keys, before Lightning loads anything.
+    adam = [*tiny_overrides, "optimizer=adam", f"ckpt_path={tmp_path / 'stopped.ckpt'}", "data.batch_size=16"]
+    with pytest.raises(UserError, match=r"was trained with optimizer=torch.optim.SGD, scheduler=torch.optim.lr_sch"
+                                        r"eduler.OneCycleLR; this command asks for optimizer=torch.optim.Adam, "
+                                        r"scheduler=None: a resume goes on with its run's own optimizer and "
+                                        r"scheduler"):  # fmt: skip
+        train(compose_config("train", adam))
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_last_complete_checkpoint(tiny_overrides, tmp_path):
+    """The run dir on a file system of 1.2 MB (a tmpfs the test mounts in a mount namespace of its own): the first
+    checkpoint fits, the second does not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    overrides = [o for o in tiny_overrides if not o.startswith("output_dir=")]
+    command = [sys.executable, str(ROOT / "src" / "train.py"), *overrides, "trainer.max_epochs=3",
+               "callbacks.inside=null", f"hydra.run.dir={disk / 'run'}"]  # fmt: skip
+    script = f"mount -t tmpfs -o size=1200k tmpfs {disk} || exit 99; exec {shlex.join(command)}"
+    done = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=with_root_on_path())  # fmt: skip
+    if done.returncode == 99 or "unshare: " in done.stderr:
+        pytest.skip(f"cannot mount a small file system here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr[-3000:]
+    assert f"cannot write {disk}/run/checkpoints/" in errors[0]
+    from tests.test_bad_input import as_pattern, table_rows
+
+    assert re.fullmatch(as_pattern(table_rows()["a disk that fills up while a checkpoint is written"]), errors[0])

@@ -8,7 +8,10 @@ class UserError(Exception):
 
 def write_atomically(path, content) -> None:
     """Write `content` (bytes, or a function that writes to a binary file) to a temp file beside `path`, then
-    rename it over `path`: a reader sees the old file or the new one, never half of one, even if we are killed."""
+    rename it over `path`: a reader sees the old file or the new one, never half of one, even if we are killed.
+    A write the file system refuses (no space left, a quota, read-only) is a UserError naming the path; the old
+    file, if any, is still whole."""
+    import contextlib
     import os
     from pathlib import Path
 
@@ -18,5 +21,24 @@ def write_atomically(path, content) -> None:
         with open(temp, "wb") as file:
             content(file) if callable(content) else file.write(content)
         os.replace(temp, path)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from err
+    except RuntimeError as err:  # torch.save, when a write of its zip fails, raises its own error over the OSError
+        cause = err.__context__ if isinstance(err.__context__, OSError) else None
+        if cause is None and "PytorchStreamWriter failed" not in str(err):
+            raise
+        raise UserError(f"cannot write {path}: {cause.strerror if cause else disk_problem(path.parent)}") from err
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+
+
+def disk_problem(folder) -> str:
+    """Why a write failed where torch does not say: the free space of the folder's file system."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as err:
+        return err.strerror or str(err)
+    return f"the write failed with {free / 2**20:,.1f} MiB free there (no space left, or a quota?)"

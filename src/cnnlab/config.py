@@ -1,16 +1,15 @@
-"""The config around Hydra: run-dir resolvers, the typed schemas of our own groups, the checks of values.
+"""The config around Hydra: run-dir resolvers, the entry points' handling of the command line.
 
 The entry points (and the tests) import this module before composing; it registers everything on import and
 imports nothing heavy, so `python src/train.py --help` stays quick.
 
 - Resolvers `run_name`, `unique_dir` and `run_dir` (conf/hydra/default.yaml): run dirs
   `<date>_<time>_<overrides>`, readable and never shared by two runs; a resumed run continues in its own.
-- Schemas for conf/data and conf/model: a value of the wrong type (`data.batch_size=many`) gets Hydra's own
-  error naming the key, before anything runs. The defaults stay in the YAML files: a schema only types them.
 - `OutputDirCheck`: a Hydra callback that refuses, in one line, a run or sweep dir that cannot be written
   (Hydra itself would stop with a traceback).
-- `check(cfg)`: the values a type cannot rule out (a negative learning rate, an unknown Trainer option, a GPU
-  asked for where there is none), refused right after composing, before any data is read or model built.
+- `run_entry`: Hydra's own errors about a command line (an unknown key or option) as one `error:` line, and a
+  resumed run's own overrides. The domain of every value (its type too) is cnnlab.checks', checked right after
+  composing.
 """
 
 import os
@@ -18,12 +17,10 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 MAX_SUMMARY = 80
 
@@ -124,46 +121,6 @@ OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replac
 OmegaConf.register_new_resolver("run_dir", run_dir, use_cache=True, replace=True)
 
 
-@dataclass
-class DataSchema:  # cnnlab.data.CIFAR10DataModule
-    _target_: str = MISSING
-    root: str = MISSING
-    download: bool = MISSING
-    cache_dir: str = MISSING
-    val_size: int = MISSING
-    batch_size: int = MISSING
-    seed: int = MISSING
-    eval_batch_size: int = MISSING
-    augment: bool = MISSING
-    crop_padding: int = MISSING
-    tta: bool = MISSING
-    mean: list[float] = MISSING
-    std: list[float] = MISSING
-    on_device: bool = MISSING
-
-
-@dataclass
-class ModelSchema:  # cnnlab.model.SlideCNN
-    _target_: str = MISSING
-    in_channels: int = MISSING
-    image_size: int = MISSING
-    num_classes: int = MISSING
-    conv1_channels: int = MISSING
-    conv1_kernel: int = MISSING
-    conv2_channels: int = MISSING
-    conv2_kernel: int = MISSING
-    stride: int = MISSING
-    padding: int = MISSING
-    pool: str = MISSING
-    pool_size: int = MISSING
-    dropout: float = MISSING
-    channels_last: bool = MISSING
-
-
-ConfigStore.instance().store(group="schema", name="data", node=DataSchema)
-ConfigStore.instance().store(group="schema", name="model", node=ModelSchema)
-
-
 # ------------------------------------------------------------------------------------------ checks
 
 PRECISIONS = {"32": "32-true", "16": "16-mixed"}  # what people type → the trainer.precision it means
@@ -178,6 +135,105 @@ def refuse_numeric_precision(argv: list[str]) -> None:
             sys.exit(f"error: precision={value}: the precision group's options are fp32, bf16, fp16 (Hydra reads "
                      f"{value} as a number, not an option's name); "
                      f"or give trainer.precision={PRECISIONS[value]}")  # fmt: skip
+
+
+def overridden(group: str) -> list[str]:
+    """The keys of `group` given on the command line (none outside a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keys = [override.key_or_group for override in parse_overrides(HydraConfig.get().overrides.task)]
+    return [key.removeprefix(f"{group}.") for key in keys if key.startswith(f"{group}.")]
+
+
+def parse_overrides(overrides: list[str]):
+    """Hydra's own parse of command-line overrides (key_or_group, value, input_line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+NOT_CARRIED = ("ckpt_path", "hydra.")  # what a resumed run does not take from the run it resumes
+
+
+def with_the_runs_own_overrides(argv: list[str]) -> list[str]:
+    """A resumed run (ckpt_path=<file> or `last`) starts from the config of the run it resumes: that run's own
+    overrides, recorded in its checkpoints, then this command's, which win where they name the same key (a longer
+    trainer.max_epochs, say). Says in one line what it took. A sweep, or a checkpoint without a record, is left
+    as it is (train() then says what it finds wrong)."""
+    if any(arg.startswith("-") for arg in argv) or os.environ.get("LOCAL_RANK", "0") != "0":
+        return argv  # a sweep, --help, …; or an extra process of a DDP run, started with the whole command already
+    given = {override.key_or_group: override for override in parse_overrides(argv)}
+    ckpt_path = given.get("ckpt_path")
+    if ckpt_path is None or ckpt_path.value() in (None, "null"):
+        return argv
+    from cnnlab import UserError
+    from cnnlab.resume import find_checkpoint, load_checkpoint
+
+    root = given["outputs_root"].value() if "outputs_root" in given else default_of("outputs_root")
+    try:
+        path = find_checkpoint(str(ckpt_path.value()), str(root))
+        recorded = (load_checkpoint(path).get("cnnlab") or {}).get("run", {}).get("overrides")
+    except UserError:
+        return argv
+    if recorded is None:
+        return argv
+    kept = [o.input_line for o in parse_overrides(recorded)
+            if o.key_or_group not in given and not o.key_or_group.startswith(NOT_CARRIED)]  # fmt: skip
+    print(f"resuming {path} with its run's own overrides: {' '.join(kept) or '(none)'}; then this command's: "
+          f"{' '.join(argv)}", file=sys.stderr)  # fmt: skip
+    return [*kept, *argv]
+
+
+def default_of(key: str, config: str = "train"):
+    """A default as conf/<config>.yaml sets it (the one place it is set): default_of("root", "data/cifar10")."""
+    return OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / f"{config}.yaml")[key]
+
+
+def run_entry(main, resume: bool = False) -> None:
+    """Run a @hydra.main entry point. A mistake on the command line that Hydra finds while composing the config (an
+    unknown key or option, a value of the wrong type, an override it cannot parse) ends in one `error:` line and
+    exit status 1; Hydra alone would print several lines and a hint about HYDRA_FULL_ERROR. With `resume`, a
+    command that resumes a run takes that run's own overrides first (with_the_runs_own_overrides)."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    refuse_numeric_precision(sys.argv[1:])
+    import logging
+
+    logging.raiseExceptions = False  # a log file that cannot be written (a full disk): no traceback for every line
+    if resume:
+        try:
+            sys.argv[1:] = with_the_runs_own_overrides(sys.argv[1:])
+        except OverrideParseException as err:  # Hydra will say it again, in its own words: one line
+            sys.exit(f"error: {one_line(err)}")
+    full_errors = "HYDRA_FULL_ERROR" in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its exception instead of printing it: ours to say
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as err:
+        if full_errors:  # asked for by the user: the whole story
+            raise
+        sys.exit(f"error: {one_line(err)}")
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages (and their cause's) as one line: the lines joined with "; ", a
+    list (one tab-indented item a line) as "a, b, c", without the full_key / object_type lines that repeat the key."""
+    parts: list[str] = []
+    for error in (err, err.__cause__):
+        items: list[str] = []
+        for raw in [*str(error or "").split("\nConfig search path")[0].splitlines(), ""]:  # not where Hydra looked
+            line = raw.strip()
+            if raw.startswith("\t") and line:
+                items.append(line)
+                continue
+            if items:
+                parts[-1] += " " + ", ".join(items)
+                items = []
+            if line and line not in parts and not line.startswith(("full_key:", "object_type=", "reference_type=")):
+                parts.append(line.rstrip("."))
+    return "; ".join(parts)
 
 
 def writable_dir(path: str | Path) -> str | None:
@@ -218,84 +274,3 @@ class OutputDirCheck(Callback):
             where = f"{key}={folder}" if folder else key
             sys.exit(f"error: {where}: cannot write the run's outputs there ({problem}); "
                      f"choose another folder with {key}=... or outputs_root=...")  # fmt: skip
-
-
-def check(cfg: DictConfig) -> None:
-    """Refuse values that cannot work, naming the key, the value and the fix (a UserError, one line)."""
-    from cnnlab import UserError
-
-    def refuse(message: str):
-        raise UserError(message)
-
-    seed = cfg.get("seed")
-    if "seed" in cfg and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
-        refuse(f"seed={seed!r} must be an integer from 0 to 2³² − 1 (numpy's range, which Lightning applies): "
-               f"use e.g. seed=0")  # fmt: skip
-    if not isinstance(cfg.get("keep_freed_memory", True), bool):
-        refuse(f"keep_freed_memory={cfg.keep_freed_memory!r} is not true or false")
-    if cfg.get("data") is not None:
-        data = cfg.data
-        for key in ("batch_size", "eval_batch_size"):
-            if data[key] < 1:
-                refuse(f"data.{key}={data[key]} must be ≥ 1")
-        if data.val_size < 1:
-            refuse(f"data.val_size={data.val_size} must be ≥ 1 (images held out of the training set for validation)")
-        if not data.download and not Path(data.root).expanduser().exists():
-            refuse(f"data.root={data.root}: no such file or folder (and data.download=false): point it at CIFAR-10")
-    if cfg.get("model") is not None:
-        if not 0 <= cfg.model.dropout < 1:
-            refuse(f"model.dropout={cfg.model.dropout} must be in [0, 1): the probability of zeroing an activation")
-        if cfg.model.num_classes < 1:
-            refuse(f"model.num_classes={cfg.model.num_classes} must be ≥ 1")
-    smoothing = (cfg.get("loss") or {}).get("label_smoothing", 0.0)
-    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float) or not 0 <= smoothing < 1:
-        refuse(f"loss.label_smoothing={smoothing!r} must be in [0, 1): "
-               f"the share of each target spread over all classes")  # fmt: skip
-    lr = (cfg.get("optimizer") or {}).get("lr")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0):
-        refuse(f"optimizer.lr={lr!r} must be a number ≥ 0, e.g. optimizer.lr=0.001")
-    matmul = cfg.get("float32_matmul_precision", "highest")
-    if matmul not in ("highest", "high", "medium"):
-        refuse(f"float32_matmul_precision={matmul!r} is not one of highest, high, medium "
-               f"(torch.set_float32_matmul_precision)")  # fmt: skip
-    if cfg.get("trainer") is not None:
-        check_trainer(cfg.trainer, refuse)
-    if cfg.get("output_dir") is not None and (problem := writable_dir(cfg.output_dir)):
-        refuse(f"output_dir={cfg.output_dir}: cannot write the run's outputs there ({problem})")
-
-
-def check_trainer(trainer: DictConfig, refuse) -> None:
-    import inspect
-    import typing
-
-    import torch
-    from lightning import Trainer
-    from lightning.fabric.connector import _PRECISION_INPUT
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-
-    options = set(inspect.signature(Trainer).parameters)
-    unknown = sorted(set(trainer) - options - {"_target_"})
-    if unknown:
-        refuse(f"trainer.{unknown[0]} is not an option of lightning.Trainer; its options: {', '.join(sorted(options))}")
-    accelerator = trainer.get("accelerator", "auto")
-    names = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
-    if isinstance(accelerator, str) and accelerator not in names:
-        refuse(f"trainer.accelerator={accelerator} is not an accelerator: use one of {', '.join(names)}")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        refuse(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can use; "
-               f"use trainer.accelerator=cpu (or auto)")  # fmt: skip
-    if accelerator == "mps" and not torch.backends.mps.is_available():
-        refuse("trainer.accelerator=mps: this machine has no Apple GPU that torch can use; use trainer.accelerator=cpu")
-    precision = str(trainer.get("precision"))
-    if precision.startswith("bf16") and accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        try:
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # an older torch, which does not count emulation
-            native = torch.cuda.is_bf16_supported()
-        if not native:
-            refuse(f"trainer.precision={precision}: this GPU ({torch.cuda.get_device_name()}) has no bfloat16; "
-                   f"use precision=fp16 (16-mixed, with a GradScaler) or precision=fp32")  # fmt: skip
-    allowed = [value for part in typing.get_args(_PRECISION_INPUT) for value in typing.get_args(part)]
-    if trainer.get("precision") is not None and trainer.precision not in allowed:
-        names = ", ".join(str(value) for value in allowed if isinstance(value, str) and "-" in value)
-        refuse(f"trainer.precision={trainer.precision} is not a precision: use one of {names}")

@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from cnnlab import UserError, write_atomically
+from cnnlab.checks import check
 from cnnlab.resume import find_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -257,10 +258,30 @@ def labelled_folder(root: Path, classes: list[str], size: tuple[int, int]) -> tu
     return np.concatenate(images), np.array(labels, dtype=np.int64)
 
 
-def evaluation_set(data, classes: list[str] | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list]:
+def trained_on(description: dict) -> dict | None:
+    """The data.root a checkpoint's run was trained on, as recorded (None for an older checkpoint or an export)."""
+    return ((description or {}).get("run") or {}).get("data_root")
+
+
+def evaluation_set(
+    data, classes: list[str] | None, size: tuple[int, int], trained_on: dict | None = None
+) -> tuple[np.ndarray, np.ndarray, list]:
     """The test split of a CIFAR-10 source (data.root as for training), or a labelled folder <class>/<image>:
-    uint8 N×3×H×W images, labels numbered as the model's classes (None: as the data's), and those classes."""
+    uint8 N×3×H×W images, labels numbered as the model's classes (None: as the data's), and those classes.
+
+    `trained_on`: the data.root the model was trained on, as its checkpoint recorded it ({"given", "resolved"});
+    used, and said in one line, when data.root is left at its default and that path is still there."""
+    from omegaconf import OmegaConf
+
+    from cnnlab.config import default_of
     from cnnlab.data import find_image_tree, load_cifar10
+
+    untouched = str(data.root) == str(default_of("root", "data/cifar10"))
+    if trained_on and untouched and Path(trained_on["resolved"]).exists():
+        if Path(trained_on["resolved"]) != Path(str(data.root)).expanduser().resolve():
+            log.info(f"data.root={trained_on['given']}: the data the model was trained on ({trained_on['resolved']}), "
+                     f"as this command names none")  # fmt: skip
+        data = OmegaConf.merge(data, {"root": trained_on["resolved"]})
 
     root = Path(data.root).expanduser()
     is_labelled_folder = (
@@ -460,6 +481,7 @@ class Predictions:
 
 def predict_files(cfg) -> Predictions:
     """src/predict.py: the model of cfg.ckpt_path on the images of cfg.inputs; cfg.output gets a copy."""
+    check(cfg)
     for key in ("ckpt_path", "inputs"):
         if cfg.get(key) is None:
             raise UserError(f"{key}=... is required: python src/predict.py ckpt_path=<checkpoint> inputs=<images>")
@@ -474,10 +496,11 @@ def predict_files(cfg) -> Predictions:
 
 def export_checked(cfg) -> tuple[Path, Parity]:
     """src/export.py: export, load the file back, and compare it with the checkpoint on real test images."""
+    check(cfg)
     if cfg.get("ckpt_path") is None:
         raise UserError("ckpt_path=... is required: python src/export.py ckpt_path=<checkpoint> format=onnx|pt2")
     target = export(str(cfg.ckpt_path), cfg.format, cfg.get("output"), cfg.outputs_root)
     reference = load_model(str(cfg.ckpt_path), cfg.outputs_root, device="cpu")
-    images, _, _ = evaluation_set(cfg.data, reference.classes, reference.image_size)
+    images, _, _ = evaluation_set(cfg.data, reference.classes, reference.image_size, trained_on(reference.description))
     images = images[: cfg.parity_images]
     return target, parity(reference, load_model(str(target)), images, (1, min(64, len(images))))

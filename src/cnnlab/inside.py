@@ -220,9 +220,11 @@ def visualize(cfg) -> list:
     import numpy as np
 
     from cnnlab import UserError, write_atomically
-    from cnnlab.inference import deployable_from_checkpoint, evaluation_set, read_images, resolve_model_path
+    from cnnlab.checks import check
+    from cnnlab.inference import deployable_from_checkpoint, evaluation_set, read_images, resolve_model_path, trained_on
     from cnnlab.resume import load_checkpoint
 
+    check(cfg)
     if cfg.get("ckpt_path") is None:
         raise UserError("ckpt_path=... is required: python src/visualize.py ckpt_path=<checkpoint> [image=<file>]")
     path = resolve_model_path(str(cfg.ckpt_path), cfg.outputs_root)
@@ -236,7 +238,7 @@ def visualize(cfg) -> list:
             raise UserError(f"image={cfg.image}: {skipped[0][1] if skipped else 'no such file'}")
         names = [Path(cfg.image).name]
     else:
-        all_images, labels, classes = evaluation_set(cfg.data, description["classes"], size)
+        all_images, labels, classes = evaluation_set(cfg.data, description["classes"], size, trained_on(description))
         first = [int(np.flatnonzero(labels == c)[0]) for c in sorted(set(labels.tolist()))]
         images, names = all_images[first], [classes[labels[i]] for i in first]
     pixels = torch.from_numpy(np.ascontiguousarray(images))

@@ -47,6 +47,30 @@ class SizeStep:
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 
+def size_steps(image_size: int, conv1_kernel: int, conv2_kernel: int, stride: int, padding: int,
+               pool_size: int) -> list[SizeStep]:  # fmt: skip
+    """Follow the spatial size through the network with the formula, layer by layer, so that fc1's input size is
+    computed, never typed in; a config whose shapes don't fit is refused here (cnnlab.checks calls this too)."""
+    size, steps = image_size, []
+    for layer, kernel, kernel_key, layer_stride, layer_padding in [
+        ("conv1", conv1_kernel, "model.conv1_kernel", stride, padding),
+        ("pool1", pool_size, "model.pool_size", pool_size, 0),
+        ("conv2", conv2_kernel, "model.conv2_kernel", stride, padding),
+        ("pool2", pool_size, "model.pool_size", pool_size, 0),
+    ]:
+        out = conv_output_size(size, kernel, layer_stride, layer_padding)
+        if out < 1:
+            raise UserError(
+                f"model: {layer} (kernel {kernel}, stride {layer_stride}, padding {layer_padding}) does not fit its "
+                f"{size}×{size} input: (in + 2·pad − kernel) / stride + 1 = {out}. Use a smaller {kernel_key}, "
+                f"model.stride or model.pool_size, more model.padding, or a larger model.image_size "
+                f"(it is {image_size})."
+            )
+        steps.append(SizeStep(layer, size, kernel, layer_stride, layer_padding, out))
+        size = out
+    return steps
+
+
 class SlideCNN(nn.Sequential):
     """conv · ReLU · pool · conv · ReLU · pool · dropout · fc, with every size taken from the config.
 
@@ -71,24 +95,8 @@ class SlideCNN(nn.Sequential):
     ):
         if pool not in POOLS:
             raise UserError(f"model.pool={pool!r} is not a pooling layer: use one of {sorted(POOLS)}")
-        # Follow the spatial size through the network with the formula, so that fc1's input size is
-        # computed, never typed in, and a config whose shapes don't fit is refused here, before training.
-        size, size_steps = image_size, []
-        for layer, kernel, layer_stride, layer_padding in [
-            ("conv1", conv1_kernel, stride, padding),
-            ("pool1", pool_size, pool_size, 0),
-            ("conv2", conv2_kernel, stride, padding),
-            ("pool2", pool_size, pool_size, 0),
-        ]:
-            out = conv_output_size(size, kernel, layer_stride, layer_padding)
-            if out < 1:
-                raise UserError(
-                    f"model: {layer} (kernel {kernel}, stride {layer_stride}, padding {layer_padding}) does not "
-                    f"fit its {size}×{size} input: (in + 2·pad − kernel) / stride + 1 = {out}. "
-                    f"Use a smaller kernel or pool, more padding, or a larger image."
-                )
-            size_steps.append(SizeStep(layer, size, kernel, layer_stride, layer_padding, out))
-            size = out
+        steps = size_steps(image_size, conv1_kernel, conv2_kernel, stride, padding, pool_size)
+        size = steps[-1].size_out
         super().__init__(
             OrderedDict(
                 conv1=nn.Conv2d(in_channels, conv1_channels, conv1_kernel, stride=stride, padding=padding),
@@ -103,7 +111,7 @@ class SlideCNN(nn.Sequential):
             )
         )
         self.input_shape = (in_channels, image_size, image_size)
-        self.size_steps = size_steps  # what the shape table shows (cnnlab.inside): one computation, not two
+        self.size_steps = steps  # what the shape table shows (cnnlab.inside): one computation, not two
         # channels_last stores B×C×H×W tensors with the channels innermost (as B×H×W×C in memory): the same math,
         # and on CPUs the convolution kernels (oneDNN) run faster on it, most of all in bf16.
         self.channels_last = channels_last

@@ -35,6 +35,7 @@ class LitClassifier(LightningModule):
         model_config: dict | None = None,  # the config that built `net` (plain data), kept in checkpoints
         criterion: nn.Module | None = None,  # the training loss; None: nn.CrossEntropyLoss()
         tta: bool = False,  # the test also scores each image with its mirror image: test/acc_tta
+        run: dict | None = None,  # what checkpoints keep of the run (cnnlab.train.run_record), plain data
     ):
         super().__init__()
         # Checkpoints keep num_classes and the model's config as plain data (no pickled classes); the network
@@ -146,6 +147,7 @@ class LitClassifier(LightningModule):
                 "mean": list(datamodule.hparams.mean),
                 "std": list(datamodule.hparams.std),
                 "classes": list(datamodule.classes),
+                "run": self.hparams.run,
             }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

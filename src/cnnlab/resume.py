@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from cnnlab import UserError, write_atomically
+from cnnlab.module import per_step
 
 log = logging.getLogger(__name__)
 LAST = "last.ckpt"
@@ -72,8 +73,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     leaves the previous last.ckpt whole."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda file: torch.save(checkpoint, file))
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, lambda file: torch.save(checkpoint, file))
+        except (OSError, UserError) as err:  # a full disk, a quota: say which checkpoint is still whole
+            complete = sorted(path.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+            kept = f"the last complete checkpoint is {complete[-1]}" if complete else "no checkpoint was written yet"
+            raise UserError(f"{err}; {kept}") from err
 
 
 def submitit_job_id() -> str | None:
@@ -168,6 +175,26 @@ def check_processes(trainer: Trainer, checkpoint: dict, path: Path) -> None:
             f"ckpt_path={path} was written by a run of {saved} process(es), this one has {here} (trainer.devices × "
             f"trainer.num_nodes): resume it with the same number; Lightning counts an epoch's steps per process, "
             f"so the epoch it stopped in cannot go on with another number"
+        )
+
+
+def check_same_training(module: LightningModule, checkpoint: dict, path: Path) -> None:
+    """Refuse an override that contradicts the checkpoint before Lightning loads its states into the wrong objects
+    (another optimizer: torch's KeyError 'step'; a per-step schedule laid out over another number of steps)."""
+    recorded = (checkpoint.get("cnnlab") or {}).get("run")
+    run = module.hparams.get("run")
+    if not recorded or not run:
+        return
+    differ = [key for key in ("optimizer", "scheduler") if recorded.get(key) != run.get(key)]
+    if module.scheduler is not None and per_step(module.scheduler):
+        differ += [f"trainer.{key}" for key in ("max_epochs", "max_steps") if recorded.get(key) != run.get(key)]
+    if differ:
+        was = ", ".join(f"{key}={recorded.get(key.removeprefix('trainer.'))}" for key in differ)
+        now = ", ".join(f"{key}={run.get(key.removeprefix('trainer.'))}" for key in differ)
+        raise UserError(
+            f"ckpt_path={path} was trained with {was}; this command asks for {now}: a resume goes on with its run's "
+            f"own {' and '.join(differ)}, so leave out the overrides that change them (a per-step schedule cannot "
+            f"be stretched over another run length)"
         )
 
 

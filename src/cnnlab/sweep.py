@@ -9,6 +9,7 @@ run: compare.py reports from it.
 Imports nothing heavy: Hydra loads the callback at every start.
 """
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,8 @@ def job_failed(message: str, output_dir: str | Path) -> None:
     """A user error ends this run: one line on stderr and in <run dir>/error.txt. A single run exits 1 here; in a
     sweep the job returns, and the sweep goes on with its next job."""
     print(message, file=sys.stderr)
-    write_atomically(Path(output_dir) / ERROR_FILE, f"{message}\n".encode())
+    with contextlib.suppress(Exception):  # the error may be that nothing can be written there (a full disk)
+        write_atomically(Path(output_dir) / ERROR_FILE, f"{message}\n".encode())
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         sys.exit(1)
 

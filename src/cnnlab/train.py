@@ -16,7 +16,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import UserError, inference, resume, scale, write_atomically
-from cnnlab.config import check
+from cnnlab.checks import check
+from cnnlab.config import overridden
 from cnnlab.module import LitClassifier
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
         criterion=make(cfg.loss) if cfg.get("loss") else None,
         tta=cfg.data.get("tta", False),
+        run=run_record(cfg),
     )
     # A callback or logger set to null (callbacks.inside=null) is left out.
     loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -61,6 +63,23 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
     for logger in loggers:
         logger.log_hyperparams(hyperparameters(cfg))  # hparams.yaml beside the events
     return datamodule, module, trainer
+
+
+def run_record(cfg: DictConfig) -> dict:
+    """What a checkpoint keeps of the run that wrote it, as plain data: its command-line overrides (a resume starts
+    from them: cnnlab.config.with_the_runs_own_overrides), the data it was trained on (eval, export and visualize
+    use it when they are given none), and what a resume must not change (cnnlab.resume.check_same_training)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    scheduler = cfg.get("scheduler")
+    return {
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "data_root": {"given": str(cfg.data.root), "resolved": str(Path(cfg.data.root).expanduser().resolve())},
+        "optimizer": cfg.optimizer._target_ if cfg.get("optimizer") else None,
+        "scheduler": scheduler._target_ if scheduler else None,
+        "max_epochs": cfg.trainer.max_epochs,
+        "max_steps": cfg.trainer.max_steps,
+    }
 
 
 def make_logger(node: DictConfig, resuming: dict | None):
@@ -95,16 +114,6 @@ def hyperparameters(cfg: DictConfig) -> dict:
         **{f"model.{key}": model[key] for key in overridden("model") if key in model},
     }
     return {key: value if isinstance(value, int | float | str | bool) else str(value) for key, value in params.items()}
-
-
-def overridden(group: str) -> list[str]:
-    """The keys of `group` given on the command line (none outside a Hydra run)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    keys = (o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task)
-    return [key.removeprefix(f"{group}.") for key in keys if key.startswith(f"{group}.")]
 
 
 def keep_freed_memory(keep: bool = True) -> None:
@@ -149,6 +158,7 @@ def train(cfg: DictConfig) -> dict | None:
     if checkpoint is not None:
         resume.check_shapes(module, checkpoint, resume_from)
         resume.check_processes(trainer, checkpoint, resume_from)
+        resume.check_same_training(module, checkpoint, resume_from)
     guard = next((c for c in trainer.callbacks if isinstance(c, resume.RunGuard)), None)
     with guard.handling_signals() if guard else nullcontext(), scale.process_group_ended_after():
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
@@ -196,11 +206,11 @@ def evaluate(cfg: DictConfig) -> dict:
         description = {"input_shape": list(module.net.input_shape), "classes": None}  # the data's, below
         return inference.Deployable(module.net, list(cfg.data.mean), list(cfg.data.std)), description
 
-    device = EVAL_DEVICES.get(cfg.trainer.accelerator)  # check() has refused a device this machine lacks
-    if device is None:
-        raise UserError(f"trainer.accelerator={cfg.trainer.accelerator}: src/eval.py runs on {', '.join(EVAL_DEVICES)}")
+    device = EVAL_DEVICES[cfg.trainer.accelerator]  # check() has refused any other, and a device this machine lacks
     model = inference.load_model(str(cfg.ckpt_path), cfg.outputs_root, device=device, fallback=from_config)
-    images, labels, model.description["classes"] = inference.evaluation_set(cfg.data, model.classes, model.image_size)
+    images, labels, model.description["classes"] = inference.evaluation_set(
+        cfg.data, model.classes, model.image_size, inference.trained_on(model.description)
+    )
     scores = inference.score(model, images, labels, cfg.data.eval_batch_size, tta=cfg.data.get("tta", False))
     metrics = {**scores, "ckpt_path": str(model.source), "run_dir": cfg.output_dir}
     inference.plot_confusion(metrics["confusion_matrix"], model.classes, Path(cfg.output_dir) / "confusion_matrix.png")
