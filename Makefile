@@ -54,10 +54,10 @@ test: $(VENV)/.installed  ## the test suite (CPU, no network, a few minutes)
 FLOORED := lightning torchmetrics hydra-core omegaconf tensorboard
 FLOORS   = $(shell $(BIN)/python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print(*(re.sub(r'>=([^,<]+).*', r'==\1', d) for d in deps if re.split('[<>=]', d)[0] in '$(FLOORED)'.split()))")
 
-test-floors: $(VENV)/.installed  ## the oldest versions pyproject.toml admits: a part of the suite on them (~1.5 min)
+test-floors: $(VENV)/.installed  ## the oldest versions pyproject.toml admits: a part of the suite on them (~3 min)
 	rm -rf .floors && $(BIN)/pip install --quiet --no-deps --target .floors $(FLOORS)
 	PYTHONPATH=.floors $(BIN)/python -c "import importlib.metadata as m; print('floors:', *(f'{p}=={m.version(p)}' for p in '$(FLOORED)'.split()))"
-	PYTHONPATH=.floors $(BIN)/python -m pytest -q tests/test_train.py tests/test_resume.py tests/test_recipe.py
+	PYTHONPATH=.floors $(BIN)/python -m pytest -q tests/test_train.py tests/test_resume.py tests/test_recipe.py tests/test_bad_input.py tests/test_fuzz.py
 
 lint: $(VENV)/.installed  ## ruff: lint and format check
 	$(BIN)/ruff check src tests bench

@@ -438,15 +438,13 @@ def check(cfg: DictConfig) -> None:
 
 def check_targets(config: dict, prefix: str = "") -> None:
     """Every node with a `_target_` imports, and each of its keys is a parameter of what it builds."""
-    from hydra.utils import get_object
-
     for key, node in config.items():
         if not isinstance(node, dict):
             continue
         name = f"{prefix}{key}"
         if "_target_" in node:
             try:
-                target = get_object(str(node["_target_"]))
+                target = locate(str(node["_target_"]))
             except Exception as err:
                 raise UserError(f"{name}._target_={node['_target_']}: cannot be imported ({_cause(err)})") from None
             if not callable(target):
@@ -462,6 +460,23 @@ def check_targets(config: dict, prefix: str = "") -> None:
                     raise UserError(f"{name}.{unknown[0]} is not an option of {node['_target_']}; its options: "
                                     f"{', '.join(sorted(options - {'self', 'params', 'optimizer'}))}")  # fmt: skip
         check_targets(node, f"{name}.")
+
+
+def locate(path: str):
+    """The object a dotted path names (a `_target_`), imported as Hydra imports it: the longest importable module,
+    then attributes (as hydra.utils.get_object does, which hydra-core 1.3.0 lacks)."""
+    import importlib
+
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:end]))
+        except ImportError:
+            continue
+        for name in parts[end:]:
+            found = getattr(found, name)
+        return found
+    raise ImportError(f"No module named '{parts[0]}'")
 
 
 def check_optimizer(cfg: DictConfig) -> None:
