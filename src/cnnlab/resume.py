@@ -23,7 +23,6 @@ position through its state_dict (cnnlab.data.TensorBatches). What it leaves to u
 """
 
 import logging
-import math
 import os
 import random
 import shlex
@@ -424,10 +423,7 @@ class RunGuard(Callback):
             return
         losses, self.losses = self.losses, []
         if trainer.world_size == 1:
-            values = [loss.item() for loss in losses]  # scalars: .item() is the cheap read
-            worst = max((0 if math.isfinite(v) else 1 if math.isnan(v) else 2 if v > 0 else 3 for v in values),
-                        default=0)  # fmt: skip
-            self.decide(trainer, [worst])
+            self.decide(trainer, [int(nonfinite_code(torch.stack(losses).float()))] if losses else [0])  # one host read
             return
         self.count_votes(trainer)  # one still out (accumulated gradients: several backward passes a step)
         # One all-reduce: [signal asked for, process 0's loss verdict, process 1's, …], the maximum of each. Sent

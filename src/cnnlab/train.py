@@ -218,7 +218,8 @@ def evaluate(cfg: DictConfig) -> dict:
     return write_metrics(metrics, cfg.output_dir)
 
 
-EVAL_DEVICES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}  # trainer.accelerator →
+# trainer.accelerator → the device src/eval.py runs the model on
+EVAL_DEVICES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}
 
 
 def best_val_acc(module: LitClassifier) -> float | None:
