@@ -33,9 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import cnnlab.config  # noqa: F401  (resolvers and schemas)
-from cnnlab.data import load_cifar10, scale_and_shift
+from cnnlab import make
+from cnnlab.data.pixels import scale_and_shift
+from cnnlab.data.sources import load_cifar10
 from cnnlab.module import per_step
-from cnnlab.train import keep_freed_memory, make, train
+from cnnlab.process import keep_freed_memory
+from cnnlab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

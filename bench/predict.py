@@ -4,7 +4,7 @@ its .pt2 (torch.export) in PyTorch; on the CIFAR-10 test images, interleaved A B
     python bench/predict.py ckpt=<checkpoint> [--data ../shared/data/cifar10-jpeg.tar.gz] [--batch 256] [--repeats 5]
         [--write docs/benchmarks.md]
 
-Each way runs cnnlab.inference's `Model.run` (what src/predict.py calls) over the 10,000 uint8 test images in
+Each way runs cnnlab.trained's `Model.run` (what src/predict.py calls) over the 10,000 uint8 test images in
 batches, after one warm-up pass; images/s from the median and the best of the repeats. Decoding the files is
 left out (it is the same for all three): this measures the model. Exports are written beside the checkpoint if
 missing. Benchmarks are not tests: nothing asserts a time.
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab import inference
-from cnnlab.data import load_cifar10
+from cnnlab.data.sources import load_cifar10
+from cnnlab.export import FORMATS, export
+from cnnlab.trained import Model, load_model, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -31,7 +32,7 @@ from bench import cpu_name  # noqa: E402  (bench/bench.py: the CPU's name, with 
 MARKER = "## Prediction throughput"
 
 
-def throughput(model: inference.Model, images: np.ndarray, batch: int) -> float:
+def throughput(model: Model, images: np.ndarray, batch: int) -> float:
     start = time.perf_counter()
     for i in range(0, len(images), batch):
         model.run(images[i : i + batch])
@@ -48,15 +49,15 @@ def main() -> None:
     parser.add_argument("--write", help="replace this section of a markdown file with the results")
     args = parser.parse_args()
 
-    checkpoint = inference.resolve_model_path(args.ckpt, "outputs")
+    checkpoint = resolve_model_path(args.ckpt, "outputs")
     files = {}
-    for format in inference.FORMATS:
-        path = checkpoint.with_suffix(inference.FORMATS[format])
-        files[format] = path if path.is_file() else inference.export(str(checkpoint), format, None)
+    for format in FORMATS:
+        path = checkpoint.with_suffix(FORMATS[format])
+        files[format] = path if path.is_file() else export(str(checkpoint), format, None)
     models = {
-        "checkpoint, PyTorch": inference.load_model(str(checkpoint), device="cpu"),
-        "ONNX, onnxruntime": inference.load_model(str(files["onnx"])),
-        ".pt2, torch.export": inference.load_model(str(files["pt2"])),
+        "checkpoint, PyTorch": load_model(str(checkpoint), device="cpu"),
+        "ONNX, onnxruntime": load_model(str(files["onnx"])),
+        ".pt2, torch.export": load_model(str(files["pt2"])),
     }
     images = np.ascontiguousarray(load_cifar10(args.data, False, args.cache).test_images.transpose(0, 3, 1, 2))
     for model in models.values():

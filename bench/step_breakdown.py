@@ -35,7 +35,7 @@ import torch
 from hydra.errors import HydraException
 
 from bench import bare, compose_config, machine_name, ours_overrides  # bench/bench.py, beside this file
-from cnnlab.data import load_cifar10
+from cnnlab.data.sources import load_cifar10
 from cnnlab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

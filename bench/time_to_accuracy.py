@@ -130,7 +130,7 @@ def warm_cache(data: str) -> None:
     from hydra import compose, initialize_config_dir
 
     import cnnlab.config  # noqa: F401  (the schemas the data config names)
-    from cnnlab.data import load_cifar10
+    from cnnlab.data.sources import load_cifar10
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cache_dir = compose(config_name="train").data.cache_dir

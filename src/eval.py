@@ -1,6 +1,6 @@
 """Test a saved checkpoint on the CIFAR-10 test set.  python src/eval.py ckpt_path=<file> [key=value ...]
 
-Pass the same model.* overrides as for training. The work is cnnlab.train.evaluate(cfg).
+Pass the same model.* overrides as for training. The work is cnnlab.evaluate.evaluate(cfg).
 """
 
 import hydra
@@ -12,8 +12,8 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from cnnlab import UserError
+    from cnnlab.evaluate import evaluate
     from cnnlab.sweep import job_failed
-    from cnnlab.train import evaluate
 
     try:
         metrics = evaluate(cfg)

@@ -1,7 +1,7 @@
 """Export a checkpoint as ONNX or .pt2 and check the file.  python src/export.py ckpt_path=<file> format=onnx|pt2
 
 The exported model takes uint8 images N×3×H×W (any N) and returns logits; the normalisation is inside. The work
-is cnnlab.inference.export_checked(cfg); exit status 1 when the file's outputs do not match the checkpoint's.
+is cnnlab.export.export_checked(cfg); exit status 1 when the file's outputs do not match the checkpoint's.
 """
 
 import sys
@@ -15,7 +15,7 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
     from cnnlab import UserError
-    from cnnlab.inference import export_checked
+    from cnnlab.export import export_checked
 
     try:
         path, parity = export_checked(cfg)

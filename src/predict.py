@@ -1,7 +1,7 @@
 """Predict the classes of your own images.  python src/predict.py ckpt_path=<checkpoint> inputs=<images> [top_k=3]
 
 Images of any size and mode are converted to RGB and resized to the model's input; the model is a checkpoint, a
-run dir, `last`, or a file written by src/export.py. The work is cnnlab.inference.predict_files(cfg).
+run dir, `last`, or a file written by src/export.py. The work is cnnlab.predict.predict_files(cfg).
 """
 
 import sys
@@ -15,7 +15,7 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
     from cnnlab import UserError
-    from cnnlab.inference import predict_files, table
+    from cnnlab.predict import predict_files, table
 
     try:
         result = predict_files(cfg)

@@ -2,7 +2,7 @@
 
 Per layer: input and output shape, the output-size formula with its numbers, parameters, multiply-adds per
 image. `python src/shapes.py size=7 kernel=3 stride=2` answers one question of the lecture's quiz instead.
-The work is cnnlab.inside.
+The work is cnnlab.shapes.
 """
 
 import sys
@@ -20,7 +20,7 @@ def main(cfg: DictConfig) -> None:
 
     from cnnlab import UserError
     from cnnlab.checks import check
-    from cnnlab.inside import format_table, quiz, shape_table
+    from cnnlab.shapes import format_table, quiz, shape_table
 
     try:
         check(cfg)

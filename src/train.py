@@ -14,7 +14,7 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from cnnlab import UserError
-    from cnnlab.resume import Diverged, Interrupted
+    from cnnlab.stops import Diverged, Interrupted
     from cnnlab.sweep import job_failed
     from cnnlab.train import first_process, train  # imported here so that --help does not wait for torch
 

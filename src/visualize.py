@@ -1,7 +1,7 @@
 """What a trained network learned, as pictures.  python src/visualize.py ckpt_path=<checkpoint> [image=<file>]
 
 Writes filters.png (the first layer's filters) and activations.png (the maps after each conv block, for your
-image or one test image per class) beside the checkpoint. The work is cnnlab.inside.visualize(cfg).
+image or one test image per class) beside the checkpoint. The work is cnnlab.visualize.visualize(cfg).
 """
 
 import sys
@@ -15,7 +15,7 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="visualize")
 def main(cfg: DictConfig) -> None:
     from cnnlab import UserError
-    from cnnlab.inside import visualize
+    from cnnlab.visualize import visualize
 
     try:
         for path in visualize(cfg):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab.data import load_image_tree_cached
+from cnnlab.data.sources import load_image_tree_cached
 from tests.conftest import ROOT
 
 # Builds the cache of argv[1] in argv[2]; each .npy file takes argv[3] seconds longer to write, so that two
@@ -18,15 +18,15 @@ BUILD = """
 import sys, time, zlib
 from pathlib import Path
 import numpy as np
-import cnnlab.data
+import cnnlab.data.sources
 
 save = np.save
 def slow_save(*args, **kwargs):
     Path(sys.argv[2], "writing").touch()
     time.sleep(float(sys.argv[3]))
     save(*args, **kwargs)
-cnnlab.data.np.save = slow_save
-arrays = cnnlab.data.load_image_tree_cached(Path(sys.argv[1]), Path(sys.argv[2]))
+cnnlab.data.sources.np.save = slow_save
+arrays = cnnlab.data.sources.load_image_tree_cached(Path(sys.argv[1]), Path(sys.argv[2]))
 print(zlib.crc32(np.ascontiguousarray(arrays.train_images).tobytes()), len(arrays.test_labels))
 """
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from cnnlab.config import run_name, unique_dir
 from cnnlab.module import per_step
+from cnnlab.rundir import run_name, unique_dir
 from tests.conftest import CONF, compose_config
 
 GROUP_OPTIONS = [

@@ -6,9 +6,12 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-import cnnlab.data
+import cnnlab.data.datamodule
+import cnnlab.data.sources
 from cnnlab import UserError
-from cnnlab.data import TensorBatches, load_cifar10, random_crop_flip
+from cnnlab.data.batches import TensorBatches
+from cnnlab.data.datamodule import random_crop_flip
+from cnnlab.data.sources import load_cifar10
 from tests.conftest import CLASSES, MARK_COL, MARK_ROW, compose_config, pack, write_image_tree
 
 
@@ -56,7 +59,7 @@ def test_decoded_once_then_loaded_from_the_cache(tree_archive, tmp_path, monkeyp
     def no_decoding(source):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(cnnlab.data, "decode_image_tree", no_decoding)
+    monkeypatch.setattr(cnnlab.data.sources, "decode_image_tree", no_decoding)
     again = load_cifar10(tree_archive, download=False, cache_dir=tmp_path)
     np.testing.assert_array_equal(first.train_images, again.train_images)
     assert again.classes == CLASSES
@@ -148,7 +151,7 @@ def test_prepared_arrays_are_used_once_by_setup(tree_archive, tmp_path, monkeypa
     cfg = compose_config("train", [f"data.root={tree_archive}", f"data.cache_dir={tmp_path}", "data.val_size=20"])
     dm = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
-    monkeypatch.setattr(cnnlab.data, "load_cifar10", lambda *args: pytest.fail("setup read the data again"))
+    monkeypatch.setattr(cnnlab.data.datamodule, "load_cifar10", lambda *args: pytest.fail("setup read the data again"))
     dm.setup("fit")
     assert dm.prepared is None and len(dm.splits["train"][1]) == 80 - 20
 

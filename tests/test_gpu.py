@@ -63,16 +63,18 @@ def test_the_same_seed_twice_gives_the_same_metrics_on_the_gpu(tree_archive, tmp
 
 
 def test_export_matches_the_checkpoint_run_on_the_gpu(tree_archive, tmp_path):
-    from cnnlab import inference
+    from cnnlab.export import export
+    from cnnlab.export import parity as parity_of
+    from cnnlab.trained import load_model
 
     done = train_py(tree_archive, tmp_path, "trainer.accelerator=gpu")
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = metrics_of(tmp_path)["best_checkpoint"]
-    cuda = inference.load_model(checkpoint, device="cuda")
+    cuda = load_model(checkpoint, device="cuda")
     images = np.random.default_rng(0).integers(0, 256, (64, *cuda.description["input_shape"]), dtype=np.uint8)
     for fmt in ("pt2", "onnx"):
-        exported = inference.load_model(str(inference.export(checkpoint, fmt, str(tmp_path / f"model.{fmt}"))))
-        parity = inference.parity(cuda, exported, images, (1, 64))
+        exported = load_model(str(export(checkpoint, fmt, str(tmp_path / f"model.{fmt}"))))
+        parity = parity_of(cuda, exported, images, (1, 64))
         assert parity.ok, str(parity)  # the CPU file against the CUDA reference: same top-1, logits within 1e-3
 
 

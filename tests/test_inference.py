@@ -15,8 +15,14 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cnnlab import UserError, inference
-from cnnlab.train import evaluate, train
+from cnnlab import UserError
+from cnnlab.evaluate import evaluate
+from cnnlab.export import export, export_checked
+from cnnlab.export import parity as parity_of
+from cnnlab.images import read_images
+from cnnlab.predict import predict, predict_files
+from cnnlab.train import train
+from cnnlab.trained import Model, build_net, load_model
 from tests.conftest import CLASSES, ROOT, compose_config
 
 
@@ -32,7 +38,7 @@ def trained(tree_archive, tmp_path_factory) -> dict:
     for format in ("onnx", "pt2"):
         cfg = OmegaConf.create({"ckpt_path": metrics["best_checkpoint"], "format": format, "output": None,
                                 "outputs_root": str(root), "parity_images": 20, "data": data})  # fmt: skip
-        exported[format], exported[f"{format}_parity"] = inference.export_checked(cfg)
+        exported[format], exported[f"{format}_parity"] = export_checked(cfg)
     return {"root": root, "run": root / "run", "ckpt": Path(metrics["best_checkpoint"]), "overrides": overrides,
             "data": data, "archive": tree_archive, **exported}  # fmt: skip
 
@@ -89,15 +95,15 @@ def test_predict_a_folder_of_mixed_images_from_ckpt_onnx_and_pt2(trained, photos
 
 
 def test_an_image_is_converted_resized_and_normalised_as_in_training(trained, photos):
-    model = inference.load_model(str(trained["ckpt"]), device="cpu")
-    (top,) = inference.predict(model, inference.read_images([photos / "rgba-64x48.png"], (32, 32))[1], 8, 10)
+    model = load_model(str(trained["ckpt"]), device="cpu")
+    (top,) = predict(model, read_images([photos / "rgba-64x48.png"], (32, 32))[1], 8, 10)
     # The same by hand: RGB, 32×32, C×H×W, (x/255 − mean) / std, the network, softmax.
     with Image.open(photos / "rgba-64x48.png") as image:
         pixels = np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
     x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]))
     checkpoint = torch.load(trained["ckpt"], weights_only=True)
-    net = inference.build_net(checkpoint["cnnlab"], trained["ckpt"]).eval()
+    net = build_net(checkpoint["cnnlab"], trained["ckpt"]).eval()
     net.load_state_dict(
         {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     )
@@ -136,11 +142,11 @@ def test_export_reloads_with_matching_outputs_in_both_formats(trained):
 
 
 def test_parity_notices_a_file_that_does_not_match(trained):
-    reference = inference.load_model(str(trained["ckpt"]), device="cpu")
-    other = inference.load_model(str(trained["onnx"]))
-    shifted = inference.Model(other.source, other.description, lambda images: other.run(images)[:, ::-1].copy())
+    reference = load_model(str(trained["ckpt"]), device="cpu")
+    other = load_model(str(trained["onnx"]))
+    shifted = Model(other.source, other.description, lambda images: other.run(images)[:, ::-1].copy())
     images = np.random.default_rng(0).integers(0, 255, (10, 3, 32, 32), dtype=np.uint8)
-    assert not inference.parity(reference, shifted, images, (1, 4)).ok
+    assert not parity_of(reference, shifted, images, (1, 4)).ok
 
 
 def test_export_cli_writes_the_file_and_reports_parity(trained, tmp_path):
@@ -269,19 +275,19 @@ def test_bad_predict_input_gets_one_clear_line(make_args, message, trained, phot
     for arg in make_args(trained, tmp_path):
         args[arg.split("=", 1)[0]] = arg
     with pytest.raises(UserError, match=message) as error:  # src/predict.py prints it as `error: ...`, exit 1
-        inference.predict_files(compose_config("predict", list(args.values())))
+        predict_files(compose_config("predict", list(args.values())))
     assert "\n" not in str(error.value)
 
 
 def test_unknown_export_format(trained):
     with pytest.raises(UserError, match="format=tflite: use one of onnx, pt2"):
-        inference.export(str(trained["ckpt"]), "tflite", None)
+        export(str(trained["ckpt"]), "tflite", None)
 
 
 def test_a_missing_export_dependency_names_the_extra(trained, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     with pytest.raises(UserError, match=r"onnxruntime is not installed: it comes with cnnlab's export extra, pip"):
-        inference.load_model(str(trained["onnx"]))
+        load_model(str(trained["onnx"]))
 
 
 def write(path: Path, data: bytes) -> Path:

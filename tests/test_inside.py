@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cnnlab.inside import quiz, shape_table
+from cnnlab.shapes import quiz, shape_table
 from cnnlab.train import train
 from tests.conftest import ROOT, compose_config
 

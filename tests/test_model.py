@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from cnnlab import UserError
+from cnnlab import UserError, make
 from cnnlab.model import SlideCNN, conv_output_size
-from cnnlab.train import make
 from tests.conftest import compose_config
 
 

@@ -9,10 +9,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from cnnlab import inference
-from cnnlab.data import TensorBatches
+from cnnlab.data.batches import TensorBatches
+from cnnlab.evaluate import evaluate, score
 from cnnlab.module import LitClassifier
-from cnnlab.train import build, evaluate, train
+from cnnlab.train import build, train
+from cnnlab.trained import Model
 from tests.conftest import compose_config
 
 
@@ -112,10 +113,10 @@ def test_tta_scores_the_mean_of_each_image_and_its_mirror_image_in_training_and_
     tested = trainer.test(module, dataloaders=TensorBatches(images, labels, batch_size=2, shuffle=False))[0]
     assert (tested["test/acc"], tested["test/acc_tta"]) == (0.0, 1.0)
     # eval's path: a uint8 batch through the same network, normalisation x / 255
-    model = inference.Model(
+    model = Model(
         Path("net"),
         {"classes": ["left", "right"]},
         lambda x: mirror_sensitive_net()(torch.from_numpy(x).float() / 255).detach().numpy(),
     )
-    scores = inference.score(model, (255 * images).to(torch.uint8).numpy(), labels.numpy(), batch_size=2, tta=True)
+    scores = score(model, (255 * images).to(torch.uint8).numpy(), labels.numpy(), batch_size=2, tta=True)
     assert (scores["test/acc"], scores["test/acc_tta"]) == (0.0, 1.0)

@@ -203,9 +203,9 @@ def fit_in_16_mixed(folder: Path, nonfinite_steps: int):
     from lightning.pytorch.plugins.precision import MixedPrecision
     from torch import nn
 
-    from cnnlab.data import TensorBatches
+    from cnnlab.data.batches import TensorBatches
     from cnnlab.module import LitClassifier
-    from cnnlab.resume import RunGuard
+    from cnnlab.stops import RunGuard
     from tests.callbacks import NanLossAt
 
     torch.manual_seed(0)
@@ -298,7 +298,7 @@ def test_a_checkpoint_every_n_train_steps_resumes_mid_epoch(tiny_overrides, tmp_
 
 
 def test_only_a_job_that_submitit_requeued_resumes_from_its_own_checkpoint(tmp_path, monkeypatch):
-    from cnnlab.resume import JOB_KEY, requeued_checkpoint
+    from cnnlab.checkpoints import JOB_KEY, requeued_checkpoint
 
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cnnlab import UserError
-from cnnlab.train import evaluate, train
+from cnnlab.evaluate import evaluate
+from cnnlab.train import train
 from tests.conftest import ROOT, compose_config, with_root_on_path
 
 

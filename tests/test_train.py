@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnlab import UserError
-from cnnlab.train import evaluate, train
+from cnnlab.evaluate import evaluate
+from cnnlab.train import train
 from tests.conftest import CLASSES, compose_config
 
 
@@ -151,7 +152,7 @@ def test_training_epoch_logs_the_mean_loss_and_accuracy_over_its_images(tiny_ove
 
 KEEP_FREED_MEMORY = """
 import ctypes, resource, sys, torch
-from cnnlab.train import keep_freed_memory
+from cnnlab.process import keep_freed_memory
 def page_faults_of_freeing_64_mb():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):

@@ -1,4 +1,8 @@
-"""cnnlab: the CNN of the lecture "CNN Modules" on CIFAR-10, as a Lightning + Hydra experiment project."""
+"""cnnlab's base, below every room: UserError, atomic writes (metrics.json too), instantiate with our errors.
+
+cnnlab: the CNN of the lecture "CNN Modules" on CIFAR-10, as a Lightning + Hydra experiment project. The map of
+its rooms is docs/design.md.
+"""
 
 
 class UserError(Exception):
@@ -42,3 +46,27 @@ def disk_problem(folder) -> str:
     except OSError as err:
         return err.strerror or str(err)
     return f"the write failed with {free / 2**20:,.1f} MiB free there (no space left, or a quota?)"
+
+
+def make(node, **kwargs):
+    """hydra.utils.instantiate, with our UserError let through as it is (Hydra wraps what a target raises)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
+def write_metrics(metrics: dict, output_dir) -> dict:
+    """<run dir>/metrics.json, written atomically: a reader never sees half of it."""
+    import json
+    from pathlib import Path
+
+    path = Path(output_dir) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, (json.dumps(metrics, indent=2) + "\n").encode())
+    return metrics

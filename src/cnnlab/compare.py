@@ -23,8 +23,11 @@ REPORTED = ("test/acc", "val/acc_best", "epochs", "wall_s")
 NOT_GROUPED = ("seed", "ckpt_path", "outputs_root")  # what tells runs apart, not what they compare
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, str]:
-    return dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+def overrides_of(overrides: list[str]) -> dict[str, str]:
+    """key → value as given, read by Hydra's own parser (a deletion, ~key, has no value to compare)."""
+    from cnnlab.config import parse_overrides
+
+    return {o.key_or_group: o.get_value_element_as_str() for o in parse_overrides(overrides) if not o.is_delete()}
 
 
 @dataclass
@@ -43,9 +46,9 @@ def read_jobs(sweep: Path) -> list[Job]:
     for job in sweep_jobs(sweep):
         if job.folder is None:
             name = f"{job.number} ({' '.join(job.overrides)})"
-            jobs.append(Job(name, parse_overrides(job.overrides), None, {}, "never ran"))
+            jobs.append(Job(name, overrides_of(job.overrides), None, {}, "never ran"))
             continue
-        overrides = parse_overrides(yaml.safe_load((job.folder / ".hydra" / "overrides.yaml").read_text()) or [])
+        overrides = overrides_of(yaml.safe_load((job.folder / ".hydra" / "overrides.yaml").read_text()) or [])
         metrics = json.loads((job.folder / "metrics.json").read_text()) if job.state == "finished" else None
         curves = read_curves(job.folder) if metrics else {}
         jobs.append(Job(job.folder.name, overrides, metrics, curves, job.error or job.state))

@@ -1,4 +1,4 @@
-"""The TensorBoard side of cnnlab.inside: the first layer's filters and the activation maps, while training."""
+"""The TensorBoard side of cnnlab.pictures: the first layer's filters and the activation maps, while training."""
 
 import time
 
@@ -6,7 +6,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from cnnlab.inside import conv_blocks, filter_grid, map_grid, map_input_grid
+from cnnlab.pictures import conv_blocks, filter_grid, map_grid, map_input_grid
 
 
 class InsideView(Callback):

@@ -111,7 +111,7 @@ class SlideCNN(nn.Sequential):
             )
         )
         self.input_shape = (in_channels, image_size, image_size)
-        self.size_steps = steps  # what the shape table shows (cnnlab.inside): one computation, not two
+        self.size_steps = steps  # what the shape table shows (cnnlab.shapes): one computation, not two
         # channels_last stores B×C×H×W tensors with the channels innermost (as B×H×W×C in memory): the same math,
         # and on CPUs the convolution kernels (oneDNN) run faster on it, most of all in bf16.
         self.channels_last = channels_last

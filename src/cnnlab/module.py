@@ -39,7 +39,7 @@ class LitClassifier(LightningModule):
     ):
         super().__init__()
         # Checkpoints keep num_classes and the model's config as plain data (no pickled classes); the network
-        # is rebuilt from that config (cnnlab.inference), the optimizer from the run's.
+        # is rebuilt from that config (cnnlab.trained), the optimizer from the run's.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "criterion"], logger=False)
         self.net = net
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -50,8 +50,8 @@ class LitClassifier(LightningModule):
             {stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("val", "test", "test_tta")}
         )
         # The training epoch's loss and accuracy as running sums (loss × images, correct predictions) on the
-        # model's device, and a count of images. One small in-place add per step, ~0.07 ms; torchmetrics' updates
-        # and a per-step self.log cost ~0.4 ms and ~1 ms here (measured), against a ~22 ms CPU step.
+        # model's device, and a count of images: one small in-place add per step, where torchmetrics' updates and
+        # a per-step self.log cost far more (bench/step_breakdown.py times each phase of a step).
         self.train_sums = torch.zeros(2)  # float32, not a buffer: bf16-true would round the sums
         self.train_images = 0
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
@@ -140,7 +140,7 @@ class LitClassifier(LightningModule):
         datamodule = self.trainer.datamodule
         if self.hparams.model_config is not None and datamodule is not None:
             # What it takes to rebuild the network and feed it, as plain data: eval, predict and export need no
-            # other flags (cnnlab.inference.load_model).
+            # other flags (cnnlab.trained.load_model).
             checkpoint["cnnlab"] = {
                 "model": self.hparams.model_config,
                 "input_shape": list(self.net.input_shape),

@@ -78,18 +78,3 @@ def process_group_ended_after():
             else:
                 os.environ[key] = value
         LAUNCHED_ENVIRONMENT.clear()
-
-
-def share_the_machine(cfg) -> None:
-    """In a job of a parallel sweep (hydra/launcher=parallel or joblib) on a machine with GPUs: GPU number
-    job % GPUs, so that the jobs running at once do not share one. Elsewhere it changes nothing. (The CPU threads
-    are shared by joblib itself: cores // n_jobs per worker, tests/test_scale.py checks it.)"""
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    if not HydraConfig.initialized() or "joblib" not in str(HydraConfig.get().launcher.get("_target_", "")):
-        return
-    trainer = cfg.trainer
-    if torch.cuda.is_available() and trainer.accelerator in ("gpu", "cuda", "auto") and trainer.devices == 1:
-        with open_dict(cfg):
-            trainer.devices = [HydraConfig.get().job.num % torch.cuda.device_count()]

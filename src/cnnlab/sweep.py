@@ -68,11 +68,12 @@ def planned_jobs(sweep: Path) -> list[list[str]]:
     if not str(hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return []  # e.g. Optuna: which jobs it would have run is not written down
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from cnnlab.config import parse_overrides
 
     raw = OmegaConf.to_container(hydra, resolve=False)  # overrides may hold ${...} for the job to resolve
     params = [f"{key}={value}" for key, value in (raw["sweeper"].get("params") or {}).items()]
-    parsed = OverridesParser.create().parse_overrides([*params, *raw["overrides"]["task"]])
+    parsed = parse_overrides([*params, *raw["overrides"]["task"]])
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 

@@ -1,0 +1,122 @@
+"""The CIFAR-10 LightningDataModule: the slides' permute once, uint8 splits in memory, on-device normalise and augment.
+
+The splits are N×C×H×W uint8 tensors (cnnlab.data.sources gives N×H×W×C), on the model's device with
+data.on_device; each batch is a slice (cnnlab.data.batches), and the float conversion, normalisation and
+augmentation run on the whole batch, on the model's device, in on_after_batch_transfer.
+"""
+
+import torch
+from lightning import LightningDataModule
+
+from cnnlab import UserError
+from cnnlab.data.batches import TensorBatches
+from cnnlab.data.pixels import normalise, scale_and_shift
+from cnnlab.data.sources import CifarArrays, load_cifar10
+
+VAL_SPLIT_SEED = 0  # the train/val split is fixed: it must not change with the training seed
+
+
+def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random crop after zero padding and random horizontal flip, for a whole B×C×H×W batch at once."""
+    batch, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (batch, 1), device=images.device)
+    dx = torch.randint(0, 2 * padding + 1, (batch, 1), device=images.device)
+    rows = (dy + torch.arange(height, device=images.device))[:, None, :, None]  # B×1×H×1
+    cols = (dx + torch.arange(width, device=images.device))[:, None, None, :]  # B×1×1×W
+    flip = torch.rand(batch, 1, 1, 1, device=images.device) < 0.5
+    cols = torch.where(flip, 2 * dx[:, None, None, :] + width - 1 - cols, cols)  # mirror inside the crop
+    batch_index = torch.arange(batch, device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch_index, channels, rows, cols]
+
+
+class CIFAR10DataModule(LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        download: bool,
+        cache_dir: str,
+        val_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        augment: bool,
+        crop_padding: int,
+        mean: list[float],
+        std: list[float],
+        on_device: bool,
+        seed: int,  # the epochs' orders are drawn from (seed, epoch): conf/data/cifar10.yaml takes the run's seed
+        tta: bool = False,  # read by LitClassifier's test step and by eval.py, not here
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.classes: list[str] = []
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scale_shift: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # scale, shift per device
+        self.prepared: CifarArrays | None = None
+
+    def prepare_data(self) -> None:
+        # Runs once per machine, before any process of a multi-GPU run reads the data: download, or decode into
+        # the cache. The arrays are kept for setup() in the same process, which so skips reading them again.
+        self.prepared = load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
+
+    def setup(self, stage: str) -> None:
+        if self.splits:
+            return
+        arrays = self.prepared or load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
+        self.prepared = None  # the splits below are copies: let the arrays go
+        self.classes = arrays.classes
+        # The slides' pre-processing step: images come as B×H×W×C (height, width, colour last), nn.Conv2d wants
+        # B×C×H×W. torch.permute(0, 3, 1, 2) reorders the axes (a view), and index_select then copies each split
+        # out in the new order, for the whole set at once; the images stay uint8.
+        train_images = torch.from_numpy(arrays.train_images).permute(0, 3, 1, 2)
+        test_images = torch.from_numpy(arrays.test_images).permute(0, 3, 1, 2)
+        train_labels, test_labels = torch.from_numpy(arrays.train_labels), torch.from_numpy(arrays.test_labels)
+
+        val_size = self.hparams.val_size
+        if not 0 < val_size < len(train_labels):
+            raise UserError(f"data.val_size={val_size} must be between 1 and {len(train_labels) - 1}")
+        order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
+        val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
+        self.splits = {
+            "train": (train_images.index_select(0, train_index), train_labels[train_index]),
+            "val": (train_images.index_select(0, val_index), train_labels[val_index]),
+            "test": (test_images.contiguous(), test_labels.clone()),
+        }
+        if self.hparams.on_device and self.trainer is not None:
+            # The whole uint8 set (180 MB) moves to the model's device once, so a GPU gathers each batch itself:
+            # no host-to-device copy per step. On a CPU this changes nothing.
+            device = self.trainer.strategy.root_device
+            self.splits = {name: (x.to(device), y.to(device)) for name, (x, y) in self.splits.items()}
+
+    def train_dataloader(self) -> TensorBatches:
+        return self.batches("train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self.batches("val", self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self.batches("test", self.hparams.eval_batch_size, shuffle=False)
+
+    def batches(self, split: str, batch_size: int, shuffle: bool) -> TensorBatches:
+        """Under DDP each process takes its shard: of training, of validation and of the test (whose shards keep
+        every image, so torchmetrics' sum over the processes gives the split's exact metrics)."""
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return TensorBatches(*self.splits[split], batch_size, shuffle=shuffle, seed=self.hparams.seed, rank=rank,
+                             world_size=world_size, drop_uneven=split == "train")  # fmt: skip
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """On the model's device, for the whole batch: uint8 → float, normalise, augment (training only)."""
+        if isinstance(batch, torch.Tensor):  # the model summary's example input: images without labels
+            return self.normalize(batch)
+        images, labels = batch
+        images = self.normalize(images)
+        if self.hparams.augment and self.trainer is not None and self.trainer.training:
+            images = random_crop_flip(images, self.hparams.crop_padding)
+        return images, labels
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 0–255 → float, normalised per channel (cnnlab.data.pixels), with scale and shift kept per device."""
+        if images.device not in self.scale_shift:
+            self.scale_shift[images.device] = scale_and_shift(self.hparams.mean, self.hparams.std, images.device)
+        return normalise(images, *self.scale_shift[images.device])

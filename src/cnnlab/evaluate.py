@@ -1,0 +1,150 @@
+"""Evaluation: a trained model (checkpoint or exported file) scored on a test set, as src/eval.py reports it.
+
+`evaluate(cfg)` rebuilds the model from its checkpoint (cnnlab.trained), takes the test split of data.root or a
+labelled folder <class>/<image>, and writes metrics.json (accuracy, loss, per-class accuracy, the confusion
+matrix) and confusion_matrix.png into the run dir. It runs the network in PyTorch, without Lightning.
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from cnnlab import UserError, make, write_atomically, write_metrics
+from cnnlab.checks import check
+from cnnlab.images import labelled_folder
+from cnnlab.trained import Deployable, Model, load_model
+
+log = logging.getLogger(__name__)
+
+
+def trained_on(description: dict) -> dict | None:
+    """The data.root a checkpoint's run was trained on, as recorded (None for an older checkpoint or an export)."""
+    return ((description or {}).get("run") or {}).get("data_root")
+
+
+def evaluation_set(
+    data, classes: list[str] | None, size: tuple[int, int], trained_on: dict | None = None
+) -> tuple[np.ndarray, np.ndarray, list]:
+    """The test split of a CIFAR-10 source (data.root as for training), or a labelled folder <class>/<image>:
+    uint8 N×3×H×W images, labels numbered as the model's classes (None: as the data's), and those classes.
+
+    `trained_on`: the data.root the model was trained on, as its checkpoint recorded it ({"given", "resolved"});
+    used, and said in one line, when data.root is left at its default and that path is still there."""
+    from omegaconf import OmegaConf
+
+    from cnnlab.config import default_of
+    from cnnlab.data.sources import find_image_tree, load_cifar10
+
+    untouched = str(data.root) == str(default_of("root", "data/cifar10"))
+    if trained_on and untouched and Path(trained_on["resolved"]).exists():
+        if Path(trained_on["resolved"]) != Path(str(data.root)).expanduser().resolve():
+            log.info(f"data.root={trained_on['given']}: the data the model was trained on ({trained_on['resolved']}), "
+                     f"as this command names none")  # fmt: skip
+        data = OmegaConf.merge(data, {"root": trained_on["resolved"]})
+
+    root = Path(data.root).expanduser()
+    is_labelled_folder = (
+        root.is_dir() and find_image_tree(root) is None and not (root / "cifar-10-batches-py").is_dir()
+        and any(p.is_dir() for p in root.iterdir())
+    )  # fmt: skip
+    if is_labelled_folder:
+        if classes is None:
+            raise UserError(f"data.root={root}: a labelled folder needs a checkpoint that names its classes")
+        return *labelled_folder(root, classes, size), classes
+    arrays = load_cifar10(data.root, data.download, data.cache_dir)
+    classes = classes or arrays.classes
+    unknown = sorted(set(arrays.classes) - set(classes))
+    if unknown:
+        raise UserError(f"data.root={data.root}: classes {unknown} are not classes of the model ({', '.join(classes)})")
+    relabel = np.array([classes.index(name) for name in arrays.classes])
+    images = np.ascontiguousarray(arrays.test_images.transpose(0, 3, 1, 2))  # the slides' permute, N×H×W×C → N×C×H×W
+    if images.shape[2:] != size:
+        raise UserError(f"data.root={data.root}: its images are {images.shape[2:]}, the model takes {size}")
+    return images, relabel[arrays.test_labels], classes
+
+
+def score(model: Model, images: np.ndarray, labels: np.ndarray, batch_size: int, tta: bool = False) -> dict:
+    """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix (rows: true, columns: predicted);
+    with `tta`, also test/acc_tta: each image scored with its mirror image, the mean of the two views' logits."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    def logits_of(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(
+            np.concatenate([model.run(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        )
+
+    logits = logits_of(images)
+    target = torch.from_numpy(labels)
+    flipped = {}
+    if tta:  # N×C×H×W: the last axis is the width
+        tta_logits = (logits + logits_of(np.ascontiguousarray(images[..., ::-1]))) / 2
+        flipped = {"test/acc_tta": float((tta_logits.argmax(1) == target).float().mean())}
+    confusion = multiclass_confusion_matrix(logits.argmax(1), target, len(model.classes))
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    present = confusion.sum(1) > 0  # a labelled folder may hold only some of the classes
+    return {
+        "test/acc": float((logits.argmax(1) == target).float().mean()),
+        "test/loss": float(nn.functional.cross_entropy(logits, target)),
+        **flipped,
+        **{
+            f"test/acc_class/{name}": float(acc)
+            for name, acc, has in zip(model.classes, per_class, present, strict=True)
+            if has
+        },
+        "images": len(labels),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    figure, _ = MulticlassConfusionMatrix(len(classes)).plot(torch.tensor(confusion), labels=classes)
+    figure.set_size_inches(8, 8)
+    write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100, bbox_inches="tight"))
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Test a checkpoint (or an exported .onnx/.pt2) on the test split of data.root, or on a labelled folder
+    <class>/<image>: metrics.json (accuracy, loss, per-class accuracy, confusion matrix) and confusion_matrix.png.
+
+    A self-describing checkpoint rebuilds its own model and normalisation; an older one uses model.* and the
+    data's mean/std from the config."""
+    if cfg.get("ckpt_path") is None:
+        raise UserError("ckpt_path=<file> is required: the checkpoint to evaluate")
+    check(cfg)
+
+    def from_config(checkpoint: dict, path: Path):  # an older checkpoint: the model as model.* configures it
+        from cnnlab.module import LitClassifier
+        from cnnlab.resume import check_shapes
+
+        module = LitClassifier(make(cfg.model), num_classes=cfg.model.num_classes)
+        check_shapes(module, checkpoint, path)
+        module.load_state_dict(checkpoint["state_dict"])
+        description = {"input_shape": list(module.net.input_shape), "classes": None}  # the data's, below
+        return Deployable(module.net, list(cfg.data.mean), list(cfg.data.std)), description
+
+    device = EVAL_DEVICES[cfg.trainer.accelerator]  # check() has refused any other, and a device this machine lacks
+    model = load_model(str(cfg.ckpt_path), cfg.outputs_root, device=device, fallback=from_config)
+    images, labels, model.description["classes"] = evaluation_set(
+        cfg.data, model.classes, model.image_size, trained_on(model.description)
+    )
+    scores = score(model, images, labels, cfg.data.eval_batch_size, tta=cfg.data.get("tta", False))
+    metrics = {**scores, "ckpt_path": str(model.source), "run_dir": cfg.output_dir}
+    plot_confusion(metrics["confusion_matrix"], model.classes, Path(cfg.output_dir) / "confusion_matrix.png")
+    log.info(f"test/acc={metrics['test/acc']:.4f} test/loss={metrics['test/loss']:.4f} on {len(labels)} images")
+    return write_metrics(metrics, cfg.output_dir)
+
+
+# trainer.accelerator → the device src/eval.py runs the model on
+EVAL_DEVICES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}
