@@ -33,7 +33,11 @@ compare: $(VENV)/.installed  ## sweep OPTIMIZERS × SEEDS (+ ARGS), then report.
 	$(BIN)/python src/train.py --multirun optimizer=$(OPTIMIZERS) seed=$(SEEDS) hydra.sweep.dir=$(COMPARE_DIR) $(ARGS); \
 	status=$$?; $(BIN)/python src/compare.py $(COMPARE_DIR) && exit $$status
 
-tensorboard: $(VENV)/.installed  ## TensorBoard over every run: http://localhost:6006
+# The first look: the learning rate, the training loss and the validation accuracy (clear the filter for the rest).
+FIRST_LOOK := http://localhost:6006/?tagFilter=val%2Facc%24%7Ctrain%2Floss%7Clr-\#timeseries
+
+tensorboard: $(VENV)/.installed  ## TensorBoard over every run; open the URL it prints first
+	@echo "the learning rate, training loss and validation accuracy: $(FIRST_LOOK)"
 	$(BIN)/tensorboard --logdir outputs
 
 bench: $(VENV)/.installed  ## throughput (ours, bare loop, DataLoader recipe) + time to 70.51 % → docs/benchmarks.md (~25 min)

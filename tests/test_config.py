@@ -68,3 +68,26 @@ def test_two_runs_in_the_same_second_get_two_folders(tmp_path):
     path = str(tmp_path / "runs" / "2026-01-01_10-00-00_optimizer=adam")
     first, second = unique_dir(path), unique_dir(path)
     assert first != second and Path(first).is_dir() and Path(second).is_dir()
+
+
+def test_each_domain_is_read_from_the_comment_beside_its_default(tmp_path):
+    from cnnlab.domains import declared
+
+    (tmp_path / "optimizer").mkdir()
+    (tmp_path / "optimizer" / "a.yaml").write_text(
+        "# @package _global_\noptimizer:\n  lr: 0.1  # ∈ number(0) · a note\n"
+    )
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "m.yaml").write_text(
+        'pool: max  # ∈ one_of("max", "avg")\nblock:\n  depth: 2  # ∈ integer(1).means("a · b") · a note · more\n'
+        "width: 3\n"
+    )
+    (tmp_path / "hydra").mkdir()
+    (tmp_path / "hydra" / "h.yaml").write_text("job:\n  x: 1  # ∈ integer(5)\n")  # Hydra's own: not ours
+    domains = declared.__wrapped__(tmp_path)
+    assert set(domains) == {"optimizer.lr", "model.pool", "model.block.depth"}
+    assert domains["optimizer.lr"].accepts(0.1) and not domains["optimizer.lr"].accepts(-1)
+    assert domains["model.block.depth"].meaning == "a · b" and not domains["model.pool"].accepts("min")
+    (tmp_path / "optimizer" / "b.yaml").write_text("# @package _global_\noptimizer:\n  lr: 0.2  # ∈ number(1)\n")
+    with pytest.raises(ValueError, match=r"optimizer/b.yaml:3: optimizer.lr ∈ number\(1\), but ∈ number\(0\)"):
+        declared.__wrapped__(tmp_path)

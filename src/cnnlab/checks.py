@@ -169,9 +169,13 @@ RELATIONS = [mean_and_std_fit_the_channels, crops_fit_the_image, the_network_fit
              nesterov_has_momentum, the_devices_exist, the_data_is_there, the_output_dir_can_be_written]  # fmt: skip
 
 
-def check(cfg: DictConfig) -> None:
+def check(cfg: DictConfig, builds: tuple[str, ...] | None = None) -> None:
     """Refuse, in one line, the first value that cannot work: its domain, its target, its relations, and whether
-    the optimizer and its schedule take their settings."""
+    the optimizer and its schedule take their settings.
+
+    `builds`: the top-level nodes whose `_target_` the caller builds (None: all, as training does). A tool that
+    only reads a node (export's `data`, for its test images) does not import what it would build: export and
+    predict start without Lightning."""
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # an interpolation that cannot be resolved (${trainer.max_epoch}, say)
@@ -184,7 +188,7 @@ def check(cfg: DictConfig) -> None:
         domain = domain_of(key)
         if domain is not None and not domain.accepts(value):
             raise UserError(domain.refusal(key, value) + (f" (it is {given[key]})" if key in derived else ""))
-    check_targets(config)
+    check_targets({key: node for key, node in config.items() if builds is None or key in builds})
     for relation in RELATIONS:
         if problem := relation(cfg):
             raise UserError(problem)

@@ -1,14 +1,22 @@
-"""The declared domain of every value a user can set: its type, range or names, one line a key.
+"""The domain of every value a user can set (its type, range or names), read from the `# ∈` beside its default.
 
-conf/ holds every default; `DOMAINS` holds every domain, in the order of the files in conf/. cnnlab.checks applies
-them right after composing; tests/test_fuzz.py walks every key of every tool's config and holds this table to it:
-a key without a domain fails that test.
+Each default in conf/ carries its domain on its own line, written with the constructors below:
+
+    lr: 0.001  # ∈ number(0).means("the learning rate, e.g. optimizer.lr=0.001") · what follows · is for the reader
+
+`domain_of(key)` reads every `# ∈` of conf/ once, by the dotted key each line sits under (with its file's package:
+conf/optimizer/adam.yaml is `@package _global_`, conf/model/slide_cnn.yaml is `model`). Every `_target_` is a
+class or function to build, whose keys cnnlab.checks holds to its signature; every `_partial_` must be true. A
+key declared in two files (ckpt_path in each tool's config) must be declared alike. cnnlab.checks applies the
+domains right after composing; tests/test_fuzz.py fails for a key of any tool's config that has none.
 """
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 
@@ -96,149 +104,83 @@ def signal_names() -> Domain:
     return Domain("a list of signal names (SIGINT, SIGTERM, …)", lambda v: isinstance(v, list) and set(v) <= names)
 
 
+def device_numbers() -> Domain:
+    return Domain("a list of device numbers", lambda v: isinstance(v, list) and len(v) > 0
+                  and all(_is_int(d) and d >= 0 for d in v))  # fmt: skip
+
+
 TARGET = text()  # a class or function to build (Hydra's _target_): that it imports is checked with its keys
-
-
+PARTIAL = one_of(True)  # the optimizer's and the schedule's parameters are given when the module builds them
 METRICS = ("val/acc", "val/loss", "val/acc_best", "train/loss_epoch", "train/acc")  # what a checkpoint may watch
+CONF = Path(__file__).resolve().parents[2] / "conf"
+KEY = re.compile(r"^( *)([A-Za-z_]\w*):")  # a key of a YAML mapping, with its indentation
+DECLARED = " # ∈ "
+CONSTRUCTORS = {"integer": integer, "number": number, "boolean": boolean, "one_of": one_of, "text": text,
+                "null": null, "numbers": numbers, "signal_names": signal_names, "device_numbers": device_numbers,
+                "METRICS": METRICS}  # fmt: skip
 
 
-CHECKPOINT = {  # Lightning's ModelCheckpoint, as conf/callbacks/default.yaml sets it up twice
-    "_target_": TARGET, "dirpath": text(), "filename": text(), "monitor": null() | one_of(*METRICS),
-    "mode": one_of("min", "max"), "save_top_k": integer(-1), "save_last": boolean() | null(),
-    "save_on_train_epoch_end": boolean() | null(), "auto_insert_metric_name": boolean(),
-    "enable_version_counter": boolean(), "every_n_train_steps": null() | integer(1),
-}  # fmt: skip
+def package(path: Path, conf: Path) -> str | None:
+    """Where a file of conf/ puts its keys: its `# @package`, else its group's folder; None for Hydra's own."""
+    group = path.relative_to(conf).parts[:-1]
+    if group[:1] == ("hydra",):
+        return None
+    header = re.search(r"^# @package (\S+)", path.read_text(), re.MULTILINE)
+    if header:
+        return "" if header.group(1) == "_global_" else header.group(1)
+    return ".".join(group)
 
 
-DOMAINS: dict[str, Domain] = {
-    # conf/train.yaml and the tools' own files (eval, predict, export, shapes, visualize)
-    "seed": integer(0, 2**32 - 1).means("numpy's range, which Lightning applies; e.g. seed=0"),
-    "keep_freed_memory": boolean(),
-    "float32_matmul_precision": one_of("highest", "high", "medium"),
-    "ckpt_path": null() | text(),
-    "outputs_root": text(),
-    "output_dir": text(),
-    "loss._target_": TARGET,
-    "loss.label_smoothing": number(0, below=1).means("the share of each target spread over all classes"),
-    "inputs": null() | text(),
-    "top_k": integer(1),
-    "batch_size": integer(1),
-    "output": null() | text(),
-    "device": one_of("auto", "cpu", "cuda"),
-    "format": one_of("onnx", "pt2"),
-    "parity_images": integer(1),
-    "size": null() | integer(1),
-    "kernel": null() | integer(1),
-    "stride": integer(1),
-    "padding": integer(0),
-    "image": null() | text(),
-    "maps": integer(1),
-    # conf/data
-    "data._target_": TARGET,
-    "data.root": text(),
-    "data.download": boolean(),
-    "data.cache_dir": text(),
-    "data.val_size": integer(1).means(
-        "images held out of the training set for validation"
-    ),  # < the training set: setup
-    "data.batch_size": integer(1),
-    "data.seed": integer(0, 2**32 - 1),
-    "data.eval_batch_size": integer(1),
-    "data.on_device": boolean(),
-    "data.augment": boolean(),
-    "data.crop_padding": integer(0),  # and ≤ model.image_size: RELATIONS
-    "data.tta": boolean(),
-    "data.mean": numbers(0, 1),  # as many as model.in_channels: RELATIONS
-    "data.std": numbers(above=0, high=1),
-    # conf/model
-    "model._target_": TARGET,
-    "model.in_channels": integer(1),
-    "model.image_size": integer(1),
-    "model.num_classes": integer(2),
-    "model.conv1_channels": integer(1),
-    "model.conv1_kernel": integer(1),
-    "model.conv2_channels": integer(1),
-    "model.conv2_kernel": integer(1),
-    "model.stride": integer(1),
-    "model.padding": integer(0),
-    "model.pool": one_of("max", "avg"),
-    "model.pool_size": integer(1),
-    "model.dropout": number(0, below=1).means("the probability of zeroing an activation"),
-    "model.channels_last": boolean(),
-    # conf/optimizer: the optimizer, and the schedule that comes with it
-    "optimizer._target_": TARGET,
-    "optimizer._partial_": one_of(True),  # the parameters are given when the module builds it
-    "optimizer.lr": number(0).means("the learning rate, e.g. optimizer.lr=0.001"),
-    "optimizer.momentum": number(0, below=1).means("the share of the last step kept in the next, e.g. 0.9"),
-    "optimizer.nesterov": boolean(),
-    "optimizer.weight_decay": number(0, below=1),
-    "scheduler": null(),  # the node itself, where an optimizer option has no schedule
-    "scheduler._target_": TARGET,
-    "scheduler._partial_": one_of(True),
-    "scheduler.step_size": integer(1),
-    "scheduler.gamma": number(above=0, high=1).means("the factor the learning rate is multiplied by, e.g. 0.1"),
-    "scheduler.T_max": integer(1),
-    "scheduler.max_lr": number(above=0),
-    "scheduler.pct_start": number(above=0, below=1),
-    "scheduler.anneal_strategy": one_of("cos", "linear"),
-    "scheduler.cycle_momentum": boolean(),
-    # conf/trainer: lightning.Trainer's options
-    "trainer._target_": TARGET,
-    "trainer.default_root_dir": text(),
-    "trainer.accelerator": one_of("auto", "cpu", "gpu", "cuda", "mps"),
-    "trainer.devices": integer(1)
-    | one_of("auto")
-    | Domain(
-        "a list of device numbers",
-        lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(d) and d >= 0 for d in v),
-    ),
-    "trainer.num_nodes": integer(1),
-    "trainer.strategy": one_of("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"),
-    "trainer.strategy._target_": TARGET,
-    "trainer.precision": one_of("32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"),
-    "trainer.max_epochs": (integer(1) | one_of(-1)).means("-1 means no limit, and trainer.max_steps ends the run"),
-    "trainer.max_steps": (integer(1) | one_of(-1)).means("-1 means no limit, and trainer.max_epochs ends the run"),
-    "trainer.log_every_n_steps": integer(1),
-    "trainer.deterministic": boolean() | one_of("warn"),
-    "trainer.benchmark": null() | boolean(),
-    "trainer.num_sanity_val_steps": integer(-1),
-    "trainer.fast_dev_run": boolean() | integer(1),
-    "trainer.limit_train_batches": number(above=0, high=1.0) | integer(1),  # a fraction, or a count
-    "trainer.limit_val_batches": number(0, 1.0) | integer(0),
-    "trainer.limit_test_batches": number(above=0, high=1.0) | integer(1),
-    "trainer.val_check_interval": null() | number(above=0, high=1.0) | integer(1),
-    "trainer.check_val_every_n_epoch": null() | integer(1),
-    "trainer.accumulate_grad_batches": integer(1),
-    "trainer.gradient_clip_val": (null() | number(0)).means("the largest gradient norm; null or 0: no clipping"),
-    # conf/logger
-    "logger.*._target_": TARGET,
-    "logger.*.save_dir": text(),
-    "logger.*.name": text(),
-    "logger.*.version": text() | integer(0) | one_of(""),
-    "logger.tensorboard.default_hp_metric": boolean(),
-    # conf/callbacks
-    "callbacks.*._target_": TARGET,
-    **{f"callbacks.model_checkpoint.{key}": domain for key, domain in CHECKPOINT.items()},
-    **{f"callbacks.last_checkpoint.{key}": domain for key, domain in CHECKPOINT.items()},
-    "callbacks.lr_monitor.logging_interval": null() | one_of("step", "epoch"),
-    "callbacks.model_summary.max_depth": integer(-1),
-    "callbacks.progress_bar.refresh_rate": integer(0),
-    "callbacks.run_guard.signals": signal_names(),
-    "callbacks.run_guard.stop_on_nonfinite_loss": boolean(),
-    "callbacks.run_guard.every_n_steps": integer(1),
-    "callbacks.run_guard.scaler_patience": integer(1),
-    "callbacks.inside.every_n_epochs": integer(1),
-    "callbacks.ema.decay": number(above=0, below=1).means(
-        "each step: average ← decay · average + (1 − decay) · weights"
-    ),
-}
+def expression(comment: str) -> str:
+    """The domain at the start of a `# ∈` comment: the shortest run of its ` · ` parts that is one expression."""
+    parts = comment.split(" · ")
+    for end in range(1, len(parts) + 1):
+        candidate = " · ".join(parts[:end]).strip()
+        try:
+            compile(candidate, "<domain>", "eval")
+            return candidate
+        except SyntaxError:
+            continue
+    raise SyntaxError(f"not a domain: {comment}")
+
+
+@cache
+def declared(conf: Path = CONF) -> dict[str, Domain]:
+    """Every `# ∈` of conf/: dotted key → Domain."""
+    domains: dict[str, Domain] = {}
+    written: dict[str, tuple[str, str]] = {}  # key → (expression, file:line), to hold two declarations alike
+    for path in sorted(conf.rglob("*.yaml")):
+        prefix = package(path, conf)
+        if prefix is None:
+            continue
+        above: list[tuple[int, str]] = []  # the keys this line sits under, with their indentation
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            key = KEY.match(line)
+            if not key:
+                continue
+            indent = len(key.group(1))
+            while above and above[-1][0] >= indent:
+                above.pop()
+            above.append((indent, key.group(2)))
+            if DECLARED not in line:
+                continue
+            full = ".".join([*([prefix] if prefix else []), *(name for _, name in above)])
+            text_ = expression(line.split(DECLARED, 1)[1])
+            where = f"{path.relative_to(conf)}:{number}"
+            if full in written and written[full][0] != text_:
+                raise ValueError(f"{where}: {full} ∈ {text_}, but ∈ {written[full][0]} at {written[full][1]}")
+            domains[full] = eval(text_, {"__builtins__": {}}, CONSTRUCTORS)  # conf/'s own text, not a user's
+            written[full] = (text_, where)
+    return domains
 
 
 def domain_of(key: str) -> Domain | None:
-    """The declared domain of a dotted key (a `*` in the table stands for one name), None if there is none."""
-    if key in DOMAINS:
-        return DOMAINS[key]
-    return next((domain for pattern, domain in DOMAINS.items() if "*" in pattern and fnmatchcase(key, pattern)), None)
+    """The declared domain of a dotted key, None if conf/ declares none."""
+    if key.rsplit(".", 1)[-1] == "_target_":
+        return TARGET
+    if key.rsplit(".", 1)[-1] == "_partial_":
+        return PARTIAL
+    return declared().get(key)
 
 
 def leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:

@@ -122,7 +122,7 @@ def evaluate(cfg: DictConfig) -> dict:
     data's mean/std from the config."""
     if cfg.get("ckpt_path") is None:
         raise UserError("ckpt_path=<file> is required: the checkpoint to evaluate")
-    check(cfg)
+    check(cfg, builds=("model",))  # for a checkpoint too old to describe its own model
 
     def from_config(checkpoint: dict, path: Path):  # an older checkpoint: the model as model.* configures it
         from cnnlab.module import LitClassifier

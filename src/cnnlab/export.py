@@ -83,7 +83,7 @@ def parity(reference: Model, exported: Model, images: np.ndarray, batch_sizes=(1
 
 def export_checked(cfg) -> tuple[Path, Parity]:
     """src/export.py: export, load the file back, and compare it with the checkpoint on real test images."""
-    check(cfg)
+    check(cfg, builds=())  # the model comes from the checkpoint; data is read, not built
     if cfg.get("ckpt_path") is None:
         raise UserError("ckpt_path=... is required: python src/export.py ckpt_path=<checkpoint> format=onnx|pt2")
     target = export(str(cfg.ckpt_path), cfg.format, cfg.get("output"), cfg.outputs_root)

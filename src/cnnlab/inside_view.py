@@ -1,7 +1,5 @@
 """The TensorBoard side of cnnlab.pictures: the first layer's filters and the activation maps, while training."""
 
-import time
-
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -13,9 +11,10 @@ class InsideView(Callback):
     """Logs, every `every_n_epochs` at the end of validation: the first layer's filters as a colour grid, and
     for one fixed validation image per class the inputs and the maps after each conv block (a row per image),
     to TensorBoard's IMAGES tab. The images are the first of each class in the validation split, the same
-    every epoch. Its time is logged as `inside/seconds`."""
+    every epoch. The tags are `view/…`: TensorBoard sorts its groups by name, so the pictures come after the
+    learning rate, `train/` and `val/`. Its cost: bench/inside_cost.py."""
 
-    def __init__(self, every_n_epochs: int = 1):
+    def __init__(self, every_n_epochs: int):
         self.every_n_epochs = every_n_epochs
         self.images: torch.Tensor | None = None
 
@@ -26,7 +25,6 @@ class InsideView(Callback):
         datamodule = trainer.datamodule
         if not loggers or not hasattr(datamodule, "splits") or "val" not in datamodule.splits:
             return
-        start = time.perf_counter()
         if self.images is None:
             images, labels = datamodule.splits["val"]
             first = [int((labels == c).nonzero()[0]) for c in labels.unique().tolist()]  # one per class, in order
@@ -36,8 +34,7 @@ class InsideView(Callback):
             inputs = datamodule.normalize(self.images.to(pl_module.device))
             blocks = conv_blocks(net, inputs.to(next(net.parameters()).dtype))
         writer, step = loggers[0].experiment, trainer.global_step
-        writer.add_image("inside/conv1_filters", filter_grid(net), step)
-        writer.add_image("inside/inputs", map_input_grid(self.images), step)
+        writer.add_image("view/conv1_filters", filter_grid(net), step)
+        writer.add_image("view/inputs", map_input_grid(self.images), step)
         for name, maps in blocks:
-            writer.add_image(f"inside/maps_{name.removeprefix('after ')}", map_grid(maps), step)
-        pl_module.log("inside/seconds", time.perf_counter() - start, rank_zero_only=True)
+            writer.add_image(f"view/maps_{name.removeprefix('after ')}", map_grid(maps), step)

@@ -56,6 +56,7 @@ class LitClassifier(LightningModule):
         self.train_images = 0
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion_counts: list[list[int]] | None = None
+        self.test_per_class: dict[str, float] = {}
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
         # Lets Lightning's model summary show each layer's input and output sizes at start-up.
@@ -107,20 +108,22 @@ class LitClassifier(LightningModule):
             self.log("test/acc_tta", self.accuracy["test_tta"])
 
     def on_test_epoch_end(self) -> None:
-        """Per-class test accuracy as scalars, and the confusion matrix as an image in TensorBoard."""
+        """Per-class test accuracy (for metrics.json) and, in TensorBoard, as one bar chart beside the confusion
+        matrix: two cards, where a scalar a class would put ten single points above `train/` and `val/`."""
         confusion = self.test_confusion.compute()  # rows: true class, columns: predicted class; summed over processes
         self.test_confusion_counts = confusion.tolist()  # for metrics.json
         per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
         names = getattr(self.trainer.datamodule, "classes", None) or []
         if len(names) != len(per_class):  # a data set with fewer classes than the model's outputs
             names = [str(i) for i in range(len(per_class))]
-        for name, accuracy in zip(names, per_class, strict=True):
-            self.log(f"test/acc_class/{name}", accuracy, sync_dist=True)  # the same on every process
+        self.test_per_class = {name: float(accuracy) for name, accuracy in zip(names, per_class, strict=True)}
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 figure, _ = self.test_confusion.plot(confusion, labels=names)
                 figure.set_size_inches(8, 8)
                 logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
+                logger.experiment.add_figure("test/acc_per_class", per_class_chart(self.test_per_class),
+                                             self.global_step)  # fmt: skip
         self.test_confusion.reset()
 
     def on_train_epoch_start(self) -> None:
@@ -170,3 +173,19 @@ class LitClassifier(LightningModule):
             scheduler = self.scheduler(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}  # stepped each epoch
+
+
+def per_class_chart(accuracy: dict[str, float]):
+    """A bar a class: its test accuracy in %."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 0.35 * len(accuracy) + 1))
+    names = list(accuracy)[::-1]  # the first class on top
+    axes.barh(names, [100 * accuracy[name] for name in names], color="#4c72b0")
+    axes.set_xlim(0, 100)
+    axes.set_xlabel("test accuracy (%)")
+    figure.tight_layout()
+    return figure

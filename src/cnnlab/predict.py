@@ -72,7 +72,7 @@ class Predictions:
 
 def predict_files(cfg) -> Predictions:
     """src/predict.py: the model of cfg.ckpt_path on the images of cfg.inputs; cfg.output gets a copy."""
-    check(cfg)
+    check(cfg, builds=())
     for key in ("ckpt_path", "inputs"):
         if cfg.get(key) is None:
             raise UserError(f"{key}=... is required: python src/predict.py ckpt_path=<checkpoint> inputs=<images>")

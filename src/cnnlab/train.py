@@ -141,6 +141,7 @@ def train(cfg: DictConfig) -> dict | None:
         "test/loss": tested[0]["test/loss"],
         **{key: tested[0][key] for key in ("test/acc_tta",) if key in tested[0]},  # data.tta=true
         "val/acc_best": best_val_acc(module),
+        **{f"test/acc_class/{name}": value for name, value in module.test_per_class.items()},
         "confusion_matrix": module.test_confusion_counts,  # rows: true class, columns: predicted; every test image once
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,

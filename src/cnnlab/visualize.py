@@ -17,7 +17,7 @@ from cnnlab.trained import deployable_from_checkpoint, resolve_model_path
 
 def visualize(cfg) -> list:
     """src/visualize.py: filters.png and activations.png beside the checkpoint; returns their paths."""
-    check(cfg)
+    check(cfg, builds=())
     if cfg.get("ckpt_path") is None:
         raise UserError("ckpt_path=... is required: python src/visualize.py ckpt_path=<checkpoint> [image=<file>]")
     path = resolve_model_path(str(cfg.ckpt_path), cfg.outputs_root)
