@@ -108,6 +108,10 @@ IN_PROCESS = {
     "`ckpt_path=last` with no run to resume": lambda t: ["ckpt_path=last", f"outputs_root={t.tmp_path / 'no-runs'}"],
     "an output folder that cannot be written": lambda t: [f"output_dir={write(t.tmp_path / 'a-file', b'') / 'run'}"],
     "a learning rate that makes the loss diverge": lambda t: ["optimizer=sgd_steplr", "optimizer.lr=1e12"],
+    "a one-cycle schedule over too few steps (`optimizer=sgd_onecycle trainer.max_steps=5`)": lambda t: [
+        "optimizer=sgd_onecycle",
+        "trainer.max_steps=5",
+    ],
 }
 IN_PROCESS.update(
     {

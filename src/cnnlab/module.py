@@ -82,7 +82,7 @@ class LitClassifier(LightningModule):
             self.train_sums += torch.stack((loss * len(labels), correct.to(loss.dtype)))
         self.train_images += len(labels)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the steps the loggers write
-            self.log("train/loss_step", loss.detach())
+            self.log("train/loss_step", loss.detach(), prog_bar=True)
         return loss
 
     def eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
@@ -90,7 +90,7 @@ class LitClassifier(LightningModule):
         logits = self(images)
         self.accuracy[stage].update(logits, labels)
         loss = nn.functional.cross_entropy(logits, labels)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/loss", loss, sync_dist=True)
         self.log(f"{stage}/acc", self.accuracy[stage], prog_bar=stage == "val")
         return logits
 
@@ -161,7 +161,7 @@ class LitClassifier(LightningModule):
         if self.trainer.sanity_checking:  # the check before training is not an epoch
             return
         self.val_acc_best(self.accuracy["val"].compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def configure_optimizers(self):
         optimizer = self.optimizer(params=self.parameters())
@@ -170,7 +170,14 @@ class LitClassifier(LightningModule):
         if per_step(self.scheduler):
             # A schedule over the run's optimizer steps (OneCycleLR: warm-up, then decay), stepped after each batch;
             # Lightning counts the steps (epochs × batches per epoch, per process).
-            scheduler = self.scheduler(optimizer=optimizer, total_steps=self.trainer.estimated_stepping_batches)
+            steps = self.trainer.estimated_stepping_batches
+            try:
+                scheduler = self.scheduler(optimizer=optimizer, total_steps=steps)
+            except (ZeroDivisionError, ValueError) as err:  # OneCycleLR's phases need a few steps each
+                name = getattr(getattr(self.scheduler, "func", None), "__name__", None) or "the schedule"
+                raise UserError(f"scheduler: {name} cannot be laid out over this run's {steps} optimizer step(s) "
+                                f"({err or type(err).__name__}): give more trainer.max_steps or trainer.max_epochs, "
+                                f"or an optimizer option with a per-epoch schedule") from None  # fmt: skip
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}  # stepped each epoch
 

@@ -8,14 +8,17 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cnnlab import checkpoints, make, resume, scale, write_metrics
 from cnnlab.checks import check
 from cnnlab.config import overridden
+from cnnlab.console import result_lines
 from cnnlab.module import LitClassifier
 from cnnlab.process import keep_freed_memory, share_the_machine
+from cnnlab.quiet import quiet_libraries
 from cnnlab.stops import RunGuard
 
 log = logging.getLogger(__name__)
@@ -42,11 +45,18 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
     # A callback or logger set to null (callbacks.inside=null) is left out.
     loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values() if c is not None]
     callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    verbose = cfg.get("verbose", True)  # a config that trains nothing (eval.yaml) has no console to quiet
+    if not verbose:  # the header, errors and the closing line: no summary, no progress bar
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary | ProgressBar)]
     # The run guard stops a run after every other callback has taken the step in (an EMA of the weights, say);
     # Lightning then puts its ModelCheckpoints after it.
     callbacks.sort(key=lambda callback: isinstance(callback, RunGuard))
     trainer = instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[resume.AtomicCheckpointIO()]
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[resume.AtomicCheckpointIO()],
+        **({} if verbose else {"enable_progress_bar": False, "enable_model_summary": False}),
     )
     for logger in loggers:
         logger.log_hyperparams(hyperparameters(cfg))  # hparams.yaml beside the events
@@ -111,6 +121,7 @@ def train(cfg: DictConfig) -> dict | None:
     With `ckpt_path`, training resumes exactly where that checkpoint left it (cnnlab/resume.py)."""
     start = time.perf_counter()
     check(cfg)
+    quiet_libraries(cfg.verbose)
     resume_from, checkpoint = None, None
     if cfg.get("ckpt_path") is not None:
         resume_from = checkpoints.find_checkpoint(str(cfg.ckpt_path), cfg.outputs_root)
@@ -121,8 +132,8 @@ def train(cfg: DictConfig) -> dict | None:
         log.info(f"resuming from {resume_from} (epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}) "
                  f"in {cfg.output_dir}")  # fmt: skip
     L.seed_everything(cfg.seed, workers=True)  # an integer seed is applied, 0 included
-    keep_freed_memory(cfg.get("keep_freed_memory", True))
-    torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision", "highest"))
+    keep_freed_memory(cfg.keep_freed_memory)
+    torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     share_the_machine(cfg)  # a job among others running at once on GPUs: a GPU of its own
     datamodule, module, trainer = build(cfg, resuming=checkpoint)
     if checkpoint is not None:
@@ -135,7 +146,7 @@ def train(cfg: DictConfig) -> dict | None:
         best = resume.best_checkpoint(trainer, checkpoint)
         if not best:
             log.warning("no best checkpoint was saved (fast_dev_run?): testing the weights as they are")
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=True, weights_only=True)
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
     metrics = {
         "test/acc": tested[0]["test/acc"],
         "test/loss": tested[0]["test/loss"],
@@ -157,6 +168,7 @@ def train(cfg: DictConfig) -> dict | None:
         if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab: this run's config beside its real results
             results = {key: metrics[key] for key in ("test/acc", "val/acc_best") if metrics[key] is not None}
             logger.log_hyperparams(hyperparameters(cfg), metrics=results)
+    log.info(result_lines(metrics))
     return write_metrics(metrics, cfg.output_dir)
 
 

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from cnnlab import UserError
+from cnnlab.quiet import ConsoleNoise
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
@@ -114,7 +115,13 @@ def decode_image_tree(source: Path) -> CifarArrays:
     found: dict[str, list[tuple[str, str, np.ndarray]]] = {"train": [], "test": []}
     try:
         files = image_files(source)
-        progress = tqdm(files, desc=f"decoding {source.name} (once, then cached)", unit=" files", mininterval=2)
+        progress = tqdm(
+            files,
+            desc=f"decoding {source.name} (once, then cached)",
+            unit=" files",
+            mininterval=2,
+            disable=True if ConsoleNoise.quiet else None,
+        )  # None: no bar where stderr is not a terminal
         for name, data in progress:
             match = IMAGE_PATH.search(name)
             if match is None:
