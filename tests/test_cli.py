@@ -35,6 +35,9 @@ def test_two_job_multirun(tree_archive, tmp_path):
     assert len(jobs) == 2
     assert jobs[0].startswith("0_") and "optimizer=adam" in jobs[0]
     assert jobs[1].startswith("1_") and "optimizer=sgd_steplr" in jobs[1]
+    headers = [line for line in done.stdout.splitlines() if line.startswith("cnnlab · ")]  # each job says which it is
+    assert [" · job 1 of 2 · " in headers[0], " · job 2 of 2 · " in headers[1]] == [True, True]
+    assert "optimizer=sgd_steplr" in headers[1] and "StepLR" in headers[1]
     for job in jobs:
         assert (sweep / job / ".hydra" / "config.yaml").is_file()
         assert "test/acc" in json.loads((sweep / job / "metrics.json").read_text())
