@@ -33,6 +33,8 @@ def test_the_console_says_what_matters(tiny_overrides, tmp_path):
     summary = [line for line in lines if re.match(r"^\d+ \| ", line)]
     assert [line.split("|")[1].strip() for line in summary][:2] == ["net", "net.conv1"] and len(summary) == 10
     assert not [row for row in summary for name in NOT_THE_NETWORK if name in row]
+    epochs = [line for line in lines if line.startswith("epoch ")]  # not a terminal: a line an epoch
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"] and "val/acc " in epochs[1]
     result = next(line for line in lines if line.startswith("test: "))
     assert re.fullmatch(r"test: \d+\.\d\d % accuracy, loss \d+\.\d{4}, with epoch_\d{3}\.ckpt \(val/acc \d+\.\d\d %\)",
                         result)  # fmt: skip

@@ -98,11 +98,13 @@ class NetworkSummary(ModelSummary):
 
 class Progress(TQDMProgressBar):
     """A bar an epoch ("job 2 of 6 · epoch 3/20"), showing the training loss and the validation accuracy; no bar
-    for validation or the test. Where stdout is not a terminal, a line at each epoch's end instead."""
+    for validation or the test. Where stdout is not a terminal, a line at each epoch's end instead (after its
+    validation, when it has one)."""
 
     def __init__(self, refresh_rate: int):
         super().__init__(refresh_rate=refresh_rate, leave=True)
         self.terminal = sys.stdout.isatty()
+        self.validated_in: int | None = None  # the epoch of the last validation
 
     def init_train_tqdm(self):
         return super().init_train_tqdm() if self.terminal else Tqdm(disable=True)
@@ -126,13 +128,18 @@ class Progress(TQDMProgressBar):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self.terminal and not trainer.sanity_checking and trainer.is_global_zero:
-            metrics = trainer.callback_metrics
-            parts = [f"{name} {float(metrics[name]):.4f}" for name in ("train/loss_epoch", "val/loss")
-                     if name in metrics]  # fmt: skip
-            if "val/acc" in metrics:
-                parts.append(f"val/acc {100 * float(metrics['val/acc']):.2f} %")
-            log.info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {' · '.join(parts)}")
+        if not trainer.sanity_checking:
+            self.validated_in = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.terminal or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics  # the epoch's last logged step; val/ if it validated this epoch
+        parts = [f"loss {float(metrics['train/loss_step']):.4f}"] if "train/loss_step" in metrics else []
+        if self.validated_in == trainer.current_epoch and "val/acc" in metrics:
+            parts += [f"val/loss {float(metrics['val/loss']):.4f}", f"val/acc {100 * float(metrics['val/acc']):.2f} %"]
+        log.info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {' · '.join(parts) or 'done'}")
 
 
 def result_lines(metrics: dict) -> str:
