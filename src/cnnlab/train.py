@@ -118,7 +118,7 @@ def train(cfg: DictConfig) -> dict | None:
     """Fit, test the best checkpoint, write metrics.json into the run dir and return the metrics (None on the
     other processes of a multi-process run: the first one writes for all).
 
-    With `ckpt_path`, training resumes exactly where that checkpoint left it (cnnlab/resume.py, cnnlab/rng.py, cnnlab/stops.py)."""
+    With `ckpt_path`, training resumes exactly where that checkpoint left it (cnnlab/resume.py, rng.py, stops.py)."""
     start = time.perf_counter()
     check(cfg)
     quiet_libraries(cfg.verbose)

@@ -90,7 +90,10 @@ class CIFAR10DataModule(LightningDataModule):
             self.splits = {name: (x.to(device), y.to(device)) for name, (x, y) in self.splits.items()}
 
     def train_dataloader(self) -> TensorBatches:
-        return self.batches("train", self.hparams.batch_size, shuffle=True)
+        # trainer.overfit_batches (debug=overfit): the same first batches every epoch, as Lightning makes a
+        # DataLoader's; it cannot reach into these batches to turn their shuffling off.
+        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+        return self.batches("train", self.hparams.batch_size, shuffle=not overfit)
 
     def val_dataloader(self) -> TensorBatches:
         return self.batches("val", self.hparams.eval_batch_size, shuffle=False)
