@@ -135,7 +135,11 @@ def test_batches_cover_every_image_once_per_epoch():
 def test_the_set_moves_to_the_trainers_device_and_batches_are_cut_there(tree_archive, tmp_path):
     # "meta" stands in for a GPU: tensors there have shapes but no data, and nothing is copied back.
     trainer = SimpleNamespace(
-        strategy=SimpleNamespace(root_device=torch.device("meta")), training=True, global_rank=0, world_size=1
+        strategy=SimpleNamespace(root_device=torch.device("meta")),
+        training=True,
+        global_rank=0,
+        world_size=1,
+        overfit_batches=0,  # as Lightning's Trainer has it: the DataModule reads it (debug=overfit)
     )
     for on_device, device in [(True, "meta"), (False, "cpu")]:
         cfg = compose_config("train", [f"data.root={tree_archive}", f"data.cache_dir={tmp_path}", "data.val_size=20"])
