@@ -35,7 +35,7 @@ from torchvision import transforms
 import cnnlab.config  # noqa: F401  (resolvers and schemas)
 from cnnlab import make
 from cnnlab.data.pixels import scale_and_shift
-from cnnlab.data.sources import load_cifar10
+from cnnlab.data.sources import load_dataset
 from cnnlab.module import per_step
 from cnnlab.process import keep_freed_memory
 from cnnlab.train import train
@@ -243,7 +243,7 @@ def main() -> None:
     settings_by_name = GPU_SETTINGS if args.gpu else SETTINGS
 
     keep_freed_memory()  # what train(cfg) does for its process (conf: keep_freed_memory), here for all three ways
-    arrays = load_cifar10(args.data, download=False, cache_dir=compose_config([]).data.cache_dir)
+    arrays = load_dataset("cifar10", args.data, False, compose_config([]).data.cache_dir, 32, "RGB")
     runs = {}  # (way, settings) → a function of the temp dir
     for name, settings in settings_by_name.items():
         runs[("ours", name)] = lambda tmp, settings=settings: ours(args, settings, tmp)

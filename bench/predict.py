@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab.data.sources import load_cifar10
+from cnnlab.data.sources import load_dataset
 from cnnlab.export import FORMATS, export
 from cnnlab.trained import Model, load_model, resolve_model_path
 
@@ -59,7 +59,8 @@ def main() -> None:
         "ONNX, onnxruntime": load_model(str(files["onnx"])),
         ".pt2, torch.export": load_model(str(files["pt2"])),
     }
-    images = np.ascontiguousarray(load_cifar10(args.data, False, args.cache).test_images.transpose(0, 3, 1, 2))
+    arrays = load_dataset("cifar10", args.data, False, args.cache, 32, "RGB")
+    images = np.ascontiguousarray(arrays.test_images.transpose(0, 3, 1, 2))
     for model in models.values():
         throughput(model, images[:2048], args.batch)  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in models}

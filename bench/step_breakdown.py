@@ -35,7 +35,7 @@ import torch
 from hydra.errors import HydraException
 
 from bench import bare, compose_config, machine_name, ours_overrides  # bench/bench.py, beside this file
-from cnnlab.data.sources import load_cifar10
+from cnnlab.data.sources import load_dataset
 from cnnlab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def main() -> None:
         parser.error(f"--settings {' '.join(args.settings)}: {str(err).splitlines()[0]}")
     args.images, args.warmup_images = args.steps * batch_size, args.warmup * batch_size
     args.epochs, args.gpu, args.device = 1, False, torch.device("cpu")
-    arrays = load_cifar10(args.data, download=False, cache_dir=compose_config([]).data.cache_dir)
+    arrays = load_dataset("cifar10", args.data, False, compose_config([]).data.cache_dir, 32, "RGB")
     steps, faults = {"ours": [], "bare": []}, {"ours": [], "bare": []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):

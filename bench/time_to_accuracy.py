@@ -130,11 +130,11 @@ def warm_cache(data: str) -> None:
     from hydra import compose, initialize_config_dir
 
     import cnnlab.config  # noqa: F401  (the schemas the data config names)
-    from cnnlab.data.sources import load_cifar10
+    from cnnlab.data.sources import load_dataset
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cache_dir = compose(config_name="train").data.cache_dir
-    arrays = load_cifar10(data, download=False, cache_dir=cache_dir)
+    arrays = load_dataset("cifar10", data, False, cache_dir, 32, "RGB")
     for array in arrays[:4]:  # memory-mapped: reading it brings the files into the page cache
         int(array.sum())
 

@@ -1,6 +1,6 @@
 """Export a checkpoint as ONNX or .pt2 and check the file.  python src/export.py ckpt_path=<file> format=onnx|pt2
 
-The exported model takes uint8 images N×3×H×W (any N) and returns logits; the normalisation is inside. The work
+The exported model takes uint8 images N×C×H×W (any N) and returns logits; the normalisation is inside. The work
 is cnnlab.export.export_checked(cfg); exit status 1 when the file's outputs do not match the checkpoint's.
 """
 

@@ -1,4 +1,4 @@
-"""The network's shape table, without data or training.  python src/shapes.py [model.* overrides]
+"""The network's shape table, without training.  python src/shapes.py [data=<name>] [model.* overrides]
 
 Per layer: input and output shape, the output-size formula with its numbers, parameters, multiply-adds per
 image. `python src/shapes.py size=7 kernel=3 stride=2` answers one question of the lecture's quiz instead.
@@ -20,6 +20,7 @@ def main(cfg: DictConfig) -> None:
 
     from cnnlab import UserError
     from cnnlab.checks import check
+    from cnnlab.data.sources import follow_the_data
     from cnnlab.shapes import format_table, quiz, shape_table
 
     try:
@@ -29,6 +30,7 @@ def main(cfg: DictConfig) -> None:
                 raise UserError("size=<in> kernel=<k> [stride=1] [padding=0]: give both size and kernel")
             print(quiz(cfg.size, cfg.kernel, cfg.stride, cfg.padding))
             return
+        follow_the_data(cfg)  # data=folder: the image size and classes of the tree
         print(format_table(shape_table(instantiate(cfg.model))))
     except UserError as err:
         sys.exit(f"error: {err}")

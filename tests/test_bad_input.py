@@ -36,6 +36,15 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
+def png_cut_after_its_header() -> bytes:
+    """A PNG whose header (and so its size) reads, and whose pixels end early: it fails when decoded and resized."""
+    import io
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(png, format="PNG")
+    return png.getvalue()[:60]
+
+
 def trained_checkpoint(tiny_overrides, tmp_path) -> Path:
     return Path(train(compose_config("train", [*tiny_overrides, "trainer.max_epochs=1"]))["best_checkpoint"])
 
@@ -74,9 +83,24 @@ IN_PROCESS = {
     "an image that cannot be decoded": lambda t: tree_with(
         t.image_tree, t.tmp_path, lambda tree: write(tree / "train/cat/0003.png", b"not a png")
     ),
-    "an image of another size": lambda t: tree_with(
-        t.image_tree, t.tmp_path, lambda tree: Image.new("RGB", (16, 16)).save(tree / "train/dog/0001.png")
+    "an image that cannot be resized (its pixels cut off after the header)": lambda t: tree_with(
+        t.image_tree, t.tmp_path, lambda tree: write(tree / "train/dog/0001.png", png_cut_after_its_header())
     ),
+    "an image tree with one class": lambda t: tree_with(
+        t.image_tree, t.tmp_path, lambda tree: [shutil.rmtree(p) for p in (tree / "train").iterdir() if p.name != "cat"]
+    ),
+    "`data=folder` without `data.root`": lambda t: ["data=folder", "data.root=null"],
+    "`data.channels` that `model.in_channels` contradicts (`data.channels=L model.in_channels=3`)": lambda t: [
+        "data.channels=L",
+        "model.in_channels=3",
+    ],
+    "`model.image_size` that `data.image_size` contradicts (`model.image_size=28`)": lambda t: ["model.image_size=28"],
+    "`data.num_classes` that the data contradicts (`data.num_classes=7`)": lambda t: ["data.num_classes=7"],
+    "mirrored test images for digits (`data=mnist data.tta=true`)": lambda t: ["data=mnist", "data.tta=true"],
+    "images too small for the slides' layers (`data=mnist data.image_size=8`)": lambda t: [
+        "data=mnist",
+        "data.image_size=8",
+    ],
     "a class in `test/` that `train/` does not have": lambda t: tree_with(
         t.image_tree,
         t.tmp_path,
@@ -153,6 +177,7 @@ COMMAND_LINE = {
     "an unknown key under `trainer` (`trainer.foo=1`)": ["trainer.foo=1"],
     "an unknown key at the top level (`epochs=3`)": ["epochs=3"],
     "an unknown option of a group (`optimizer=adamw`)": ["optimizer=adamw"],
+    "a data set cnnlab does not know (`data=imagenet`)": ["data=imagenet"],
     "a number as the precision group's option (`precision=32`)": ["precision=32"],
     "a sweep's launcher plugin that is not installed (the scale extra)": [
         "-m",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab.data.sources import load_image_tree_cached
+from cnnlab.data.trees import load_tree_cached
 from tests.conftest import ROOT
 
 # Builds the cache of argv[1] in argv[2]; each .npy file takes argv[3] seconds longer to write, so that two
@@ -18,15 +18,15 @@ BUILD = """
 import sys, time, zlib
 from pathlib import Path
 import numpy as np
-import cnnlab.data.sources
+import cnnlab.data.trees
 
 save = np.save
 def slow_save(*args, **kwargs):
     Path(sys.argv[2], "writing").touch()
     time.sleep(float(sys.argv[3]))
     save(*args, **kwargs)
-cnnlab.data.sources.np.save = slow_save
-arrays = cnnlab.data.sources.load_image_tree_cached(Path(sys.argv[1]), Path(sys.argv[2]))
+cnnlab.data.trees.np.save = slow_save
+arrays = cnnlab.data.trees.load_tree_cached(Path(sys.argv[1]), Path(sys.argv[2]), 32, "RGB")
 print(zlib.crc32(np.ascontiguousarray(arrays.train_images).tobytes()), len(arrays.test_labels))
 """
 
@@ -39,7 +39,7 @@ def build(source: Path, cache_dir: Path, delay: float) -> subprocess.Popen:
 
 
 def caches(cache_dir: Path) -> list[str]:
-    return sorted(p.name for p in cache_dir.iterdir() if p.name.startswith("cifar10-"))
+    return sorted(p.name for p in cache_dir.iterdir() if p.name.startswith("images-"))
 
 
 def test_two_processes_building_the_same_cache_both_succeed(tree_archive, tmp_path):
@@ -50,7 +50,7 @@ def test_two_processes_building_the_same_cache_both_succeed(tree_archive, tmp_pa
     assert outputs[0][0] == outputs[1][0]  # the same arrays
     (cache,) = caches(cache_dir)  # one cache, no temp folder left
     assert not cache.endswith(".tmp")
-    again = load_image_tree_cached(tree_archive, cache_dir)
+    again = load_tree_cached(tree_archive, cache_dir, 32, "RGB")
     assert isinstance(again.train_images, np.memmap)  # read from the cache, not decoded again
     assert outputs[0][0].split()[1] == str(len(again.test_labels))
 
@@ -66,7 +66,7 @@ def test_a_build_killed_half_way_leaves_nothing_taken_for_a_cache(tree_archive, 
     process.communicate(timeout=60)
     (left,) = caches(cache_dir)
     assert left.endswith(".tmp")  # only the killed build's temp folder, named by its process id
-    arrays = load_image_tree_cached(tree_archive, cache_dir)  # decodes again, and clears the abandoned folder
+    arrays = load_tree_cached(tree_archive, cache_dir, 32, "RGB")  # decodes again, and clears the abandoned folder
     assert not isinstance(arrays.train_images, np.memmap)
     (cache,) = caches(cache_dir)
     assert not cache.endswith(".tmp")

@@ -8,11 +8,16 @@ from hydra.utils import instantiate
 
 import cnnlab.data.datamodule
 import cnnlab.data.sources
+import cnnlab.data.trees
 from cnnlab import UserError
 from cnnlab.data.batches import TensorBatches
 from cnnlab.data.datamodule import random_crop_flip
-from cnnlab.data.sources import load_cifar10
+from cnnlab.data.sources import load_dataset
 from tests.conftest import CLASSES, MARK_COL, MARK_ROW, compose_config, pack, write_image_tree
+
+
+def load_cifar10(root, download, cache_dir):
+    return load_dataset("cifar10", root, download, cache_dir, 32, "RGB")
 
 
 def datamodule(root, cache_dir, *overrides):
@@ -56,10 +61,10 @@ def test_decoded_once_then_loaded_from_the_cache(tree_archive, tmp_path, monkeyp
     (cache,) = tmp_path.iterdir()  # one cache folder, no temp folder left
     assert sorted(p.name for p in cache.iterdir()) == sorted([f"{f}.npy" for f in first._fields[:4]] + ["classes.json"])
 
-    def no_decoding(source):
+    def no_decoding(*args):
         raise AssertionError("decoded again instead of reading the cache")
 
-    monkeypatch.setattr(cnnlab.data.sources, "decode_image_tree", no_decoding)
+    monkeypatch.setattr(cnnlab.data.trees, "decode_image_tree", no_decoding)
     again = load_cifar10(tree_archive, download=False, cache_dir=tmp_path)
     np.testing.assert_array_equal(first.train_images, again.train_images)
     assert again.classes == CLASSES
@@ -155,7 +160,7 @@ def test_prepared_arrays_are_used_once_by_setup(tree_archive, tmp_path, monkeypa
     cfg = compose_config("train", [f"data.root={tree_archive}", f"data.cache_dir={tmp_path}", "data.val_size=20"])
     dm = instantiate(cfg.data, _convert_="all")
     dm.prepare_data()
-    monkeypatch.setattr(cnnlab.data.datamodule, "load_cifar10", lambda *args: pytest.fail("setup read the data again"))
+    monkeypatch.setattr(cnnlab.data.datamodule, "load_dataset", lambda *args: pytest.fail("setup read the data again"))
     dm.setup("fit")
     assert dm.prepared is None and len(dm.splits["train"][1]) == 80 - 20
 

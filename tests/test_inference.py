@@ -33,7 +33,8 @@ def trained(tree_archive, tmp_path_factory) -> dict:
     overrides = [f"data.root={tree_archive}", f"data.cache_dir={root / 'cache'}", "data.val_size=20", "trainer=cpu",
                  "trainer.max_epochs=2", f"output_dir={root / 'run'}"]  # fmt: skip
     metrics = train(compose_config("train", overrides))
-    data = OmegaConf.create({"root": str(tree_archive), "download": False, "cache_dir": str(root / "cache")})
+    data = OmegaConf.create({"name": "cifar10", "root": str(tree_archive), "download": False,
+                             "cache_dir": str(root / "cache"), "channels": "RGB", "image_size": 32})  # fmt: skip
     exported = {}
     for format in ("onnx", "pt2"):
         cfg = OmegaConf.create({"ckpt_path": metrics["best_checkpoint"], "format": format, "output": None,
@@ -96,7 +97,7 @@ def test_predict_a_folder_of_mixed_images_from_ckpt_onnx_and_pt2(trained, photos
 
 def test_an_image_is_converted_resized_and_normalised_as_in_training(trained, photos):
     model = load_model(str(trained["ckpt"]), device="cpu")
-    (top,) = predict(model, read_images([photos / "rgba-64x48.png"], (32, 32))[1], 8, 10)
+    (top,) = predict(model, read_images([photos / "rgba-64x48.png"], (3, 32, 32))[1], 8, 10)
     # The same by hand: RGB, 32×32, C×H×W, (x/255 − mean) / std, the network, softmax.
     with Image.open(photos / "rgba-64x48.png") as image:
         pixels = np.asarray(image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))

@@ -1,8 +1,11 @@
-"""cnnlab's base, below every room: UserError, atomic writes (metrics.json too), instantiate with our errors.
+"""cnnlab's base, below every room: UserError, atomic writes (metrics.json too), instantiate with our errors, CHANNELS.
 
 cnnlab: the CNN of the lecture "CNN Modules" on CIFAR-10, as a Lightning + Hydra experiment project. The map of
 its rooms is docs/design.md.
 """
+
+# data.channels → the network's input channels: colour or grey images (conf/model/slide_cnn.yaml follows it)
+CHANNELS = {"RGB": 3, "L": 1}
 
 
 class UserError(Exception):

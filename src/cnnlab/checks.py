@@ -42,12 +42,44 @@ def mean_and_std_fit_the_channels(cfg) -> str | None:
     return None
 
 
+def the_network_follows_the_data(cfg) -> str | None:
+    """The network's input is the data's: its channels and, where both are given, its image size."""
+    from cnnlab import CHANNELS
+
+    data, model = cfg.get("data"), cfg.get("model")
+    if data is None or model is None:
+        return None
+    channels = CHANNELS[data.channels]
+    if model.in_channels != channels:
+        return (f"model.in_channels={model.in_channels}, but data.channels={data.channels} gives {channels}-channel "
+                f"images: set data.channels={'RGB' if model.in_channels == 3 else 'L'}, or leave model.in_channels to "
+                f"follow the data")  # fmt: skip
+    if None not in (data.image_size, model.image_size) and data.image_size != model.image_size:
+        return (f"model.image_size={model.image_size}, but data.image_size={data.image_size}: the images are resized "
+                f"to data.image_size; set that one (the network follows it)")  # fmt: skip
+    if data.get("tta") and not data.get("flip", True):
+        return (f"data.tta=true scores each test image with its mirror image, but data.flip=false says a mirrored "
+                f"image is not of its class (data={data.name}): leave data.tta=false")  # fmt: skip
+    return None
+
+
 def crops_fit_the_image(cfg) -> str | None:
     data, model = cfg.get("data"), cfg.get("model")
-    if data is not None and model is not None and data.get("crop_padding", 0) > model.image_size:
+    if data is None or model is None or model.image_size is None:  # the image size: the data's, once it is read
+        return None
+    if data.get("crop_padding", 0) > model.image_size:
         return (f"data.crop_padding={data.crop_padding} is more than the image ({model.image_size} pixels): a crop "
                 f"would hold only border; use at most model.image_size, e.g. data.crop_padding=4")  # fmt: skip
     return None
+
+
+def where_set(model, key: str) -> str:
+    """The key a user sets for a value of the network's: data.image_size for the image size that follows the data."""
+    return (
+        f"data.{key}"
+        if key in ("image_size", "num_classes") and OmegaConf.is_interpolation(model, key)
+        else f"model.{key}"
+    )
 
 
 def the_network_fits(cfg) -> str | None:
@@ -55,7 +87,7 @@ def the_network_fits(cfg) -> str | None:
     from cnnlab.model import size_steps
 
     model = cfg.get("model")
-    if model is None:
+    if model is None or model.image_size is None or model.num_classes is None:  # the data's: known once it is read
         return None
     steps = size_steps(
         model.image_size, model.conv1_kernel, model.conv2_kernel, model.stride, model.padding, model.pool_size
@@ -67,7 +99,7 @@ def the_network_fits(cfg) -> str | None:
     memory = machine_memory()
     if 16 * parameters > memory:  # weights, gradients and two optimizer states, 4 bytes each
         keys = ("image_size", "in_channels", "conv1_channels", "conv2_channels", "num_classes", "padding")
-        sizes = ", ".join(f"model.{key}={model[key]}" for key in keys)
+        sizes = ", ".join(f"{where_set(model, key)}={model[key]}" for key in keys)
         return (f"model: the network would have {parameters:,} parameters ({sizes}), {16 * parameters / 2**30:,.1f} "
                 f"GiB to train, more than this machine's {memory / 2**30:,.1f} GiB: use fewer channels or a smaller "
                 f"image")  # fmt: skip
@@ -111,8 +143,14 @@ def nesterov_has_momentum(cfg) -> str | None:
 
 def the_data_is_there(cfg) -> str | None:
     data = cfg.get("data")
-    if data is not None and not data.get("download", True) and not Path(data.root).expanduser().exists():
-        return f"data.root={data.root}: no such file or folder (and data.download=false): point it at CIFAR-10"
+    if data is None:
+        return None
+    if data.get("root") is None:
+        where = ("a folder or .tar.gz/.zip holding train/<class>/<image> and test/<class>/<image>" if data.name ==
+                 "folder" else "torchvision's files of it, an image tree, or a .tar.gz/.zip of one")  # fmt: skip
+        return f"data.root=null: data={data.name} needs data.root=<where it lies>: {where}"
+    if not data.get("download", True) and not Path(data.root).expanduser().exists():
+        return f"data.root={data.root}: no such file or folder (and data.download=false): point it at the data"
     return None
 
 
@@ -164,7 +202,8 @@ def the_devices_exist(cfg) -> str | None:
     return None
 
 
-RELATIONS = [mean_and_std_fit_the_channels, crops_fit_the_image, the_network_fits, checkpoints_rank_by_a_metric,
+RELATIONS = [mean_and_std_fit_the_channels, the_network_follows_the_data,
+             crops_fit_the_image, the_network_fits, checkpoints_rank_by_a_metric,
              the_run_ends,
              nesterov_has_momentum, the_devices_exist, the_data_is_there, the_output_dir_can_be_written]  # fmt: skip
 

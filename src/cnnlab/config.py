@@ -1,7 +1,8 @@
 """The command line around Hydra: composing a run's config, a resumed run's own overrides, errors as one line.
 
 The entry points (and the tests) import this module before composing; it registers the run-dir resolvers
-(cnnlab.rundir) on import and imports nothing heavy, so `python src/train.py --help` stays quick.
+(cnnlab.rundir) and `channels_of` (the network's input channels from data.channels) on import and imports
+nothing heavy, so `python src/train.py --help` stays quick.
 
 - `run_entry`: Hydra's own errors about a command line (an unknown key or option) as one `error:` line, and a
   resumed run's own overrides (`with_the_runs_own_overrides`). The domain of every value (its type too) is
@@ -16,6 +17,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 import cnnlab.rundir  # noqa: F401  (registers the run-dir resolvers)
+from cnnlab import CHANNELS
+
+# model.in_channels: ${channels_of:${data.channels}}. An unknown name gives null, which the domains refuse under
+# data.channels, the key that was given.
+OmegaConf.register_new_resolver("channels_of", lambda channels: CHANNELS.get(channels), replace=True)
 
 # use_cache: Hydra resolves the run dir more than once (and copies the cache into each multirun job); each
 # resolution must give the folder claimed the first time.

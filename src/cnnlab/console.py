@@ -64,6 +64,8 @@ class RunHeader(Callback):
         device = trainer.strategy.root_device
         splits = getattr(data, "splits", {})
         sizes = " · ".join(f"{len(splits[name][1]):,} {name}" for name in ("train", "val", "test") if name in splits)
+        images = splits["train"][0] if "train" in splits else None
+        shape = "" if images is None else f"{'×'.join(map(str, images.shape[1:]))} in {len(data.classes)} classes"
         # Batches an epoch from a loader of its own: Lightning's estimated_stepping_batches would set up the fit
         # loop's before a resumed run restores its place in the epoch.
         batches = len(data.train_dataloader())
@@ -77,7 +79,7 @@ class RunHeader(Callback):
             f"{' + ' + ', '.join(schedules) if schedules else ''} · {trainer.max_epochs} epochs × {batches:,} "
             f"batches of {batch * trainer.world_size}{per_process}{at_most} · "
             f"{trainer.precision} on {device.type}{threads}"
-            f"\ndata {data.hparams.root}: {sizes} · run dir {trainer.default_root_dir}"
+            f"\ndata {data.hparams.name} {data.hparams.root}: {sizes} · {shape} · run dir {trainer.default_root_dir}"
         )  # fmt: skip
 
 
@@ -142,6 +144,9 @@ class Progress(TQDMProgressBar):
         log.info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {' · '.join(parts) or 'done'}")
 
 
+SHOWN_CLASSES = 12  # on the console's per-class line; all of them are in metrics.json
+
+
 def result_lines(metrics: dict) -> str:
     """The test's result in percent, two decimals, and the per-class accuracy worst first, on two lines."""
     tta = f" (flip TTA {100 * metrics['test/acc_tta']:.2f} %)" if "test/acc_tta" in metrics else ""
@@ -153,5 +158,11 @@ def result_lines(metrics: dict) -> str:
                  if key.startswith("test/acc_class/")}  # fmt: skip
     if per_class:
         worst_first = sorted(per_class.items(), key=lambda item: item[1])
-        line += "\nper class, worst first: " + " · ".join(f"{name} {100 * value:.1f}" for name, value in worst_first)
+        shown = worst_first[:SHOWN_CLASSES]
+        line += "\nper class, worst first: " + " · ".join(f"{name} {100 * value:.1f}" for name, value in shown)
+        if len(worst_first) > len(shown):  # CIFAR-100: the rest in metrics.json, and the mistakes made most
+            line += f" · … ({len(worst_first) - len(shown)} more in metrics.json)"
+            line += "\nmost confused (true → predicted, images): " + " · ".join(
+                f"{c['true']} → {c['predicted']} {c['images']}" for c in metrics.get("top_confusions", [])[:5]
+            )
     return line

@@ -16,54 +16,64 @@ from torch import nn
 from cnnlab import UserError, make, write_atomically, write_metrics
 from cnnlab.checks import check
 from cnnlab.images import labelled_folder
+from cnnlab.pictures import confusion_figure, top_confusions
 from cnnlab.trained import Deployable, Model, load_model
 
 log = logging.getLogger(__name__)
 
 
 def trained_on(description: dict) -> dict | None:
-    """The data.root a checkpoint's run was trained on, as recorded (None for an older checkpoint or an export)."""
-    return ((description or {}).get("run") or {}).get("data_root")
+    """The data a checkpoint's run was trained on, as recorded: {"given", "resolved"} data.root, and "data" (its
+    name, channels and image size) where the checkpoint is recent enough to say. None for an export."""
+    run = (description or {}).get("run") or {}
+    return {**run["data_root"], "data": run.get("data")} if run.get("data_root") else None
 
 
 def evaluation_set(
-    data, classes: list[str] | None, size: tuple[int, int], trained_on: dict | None = None
+    data, classes: list[str] | None, shape: tuple[int, int, int], trained_on: dict | None = None
 ) -> tuple[np.ndarray, np.ndarray, list]:
-    """The test split of a CIFAR-10 source (data.root as for training), or a labelled folder <class>/<image>:
-    uint8 N×3×H×W images, labels numbered as the model's classes (None: as the data's), and those classes.
+    """The test split of a data set (data.root as for training), or a labelled folder <class>/<image>: uint8
+    N×C×H×W images, labels numbered as the model's classes (None: as the data's), and those classes.
 
-    `trained_on`: the data.root the model was trained on, as its checkpoint recorded it ({"given", "resolved"});
-    used, and said in one line, when data.root is left at its default and that path is still there."""
+    `trained_on`: the data the model was trained on, as its checkpoint recorded it (cnnlab.evaluate.trained_on);
+    used, and said in one line, when the command names no data (data.root left at CIFAR-10's default) and that
+    path is still there."""
     from omegaconf import OmegaConf
 
     from cnnlab.config import default_of
-    from cnnlab.data.sources import find_image_tree, load_cifar10
+    from cnnlab.data.sources import TORCHVISION, has_torchvision_files, load_dataset
+    from cnnlab.data.trees import find_image_tree
 
-    untouched = str(data.root) == str(default_of("root", "data/cifar10"))
+    untouched = data.name == "cifar10" and str(data.root) == str(default_of("root", "data/cifar10"))
     if trained_on and untouched and Path(trained_on["resolved"]).exists():
+        recorded = trained_on.get("data") or {}
         if Path(trained_on["resolved"]) != Path(str(data.root)).expanduser().resolve():
             log.info(f"data.root={trained_on['given']}: the data the model was trained on ({trained_on['resolved']}), "
                      f"as this command names none")  # fmt: skip
-        data = OmegaConf.merge(data, {"root": trained_on["resolved"]})
+        data = OmegaConf.merge(data, recorded, {"root": trained_on["resolved"]})
 
     root = Path(data.root).expanduser()
     is_labelled_folder = (
-        root.is_dir() and find_image_tree(root) is None and not (root / "cifar-10-batches-py").is_dir()
+        root.is_dir() and find_image_tree(root) is None
+        and not (data.name in TORCHVISION and has_torchvision_files(data.name, root))
         and any(p.is_dir() for p in root.iterdir())
     )  # fmt: skip
     if is_labelled_folder:
         if classes is None:
             raise UserError(f"data.root={root}: a labelled folder needs a checkpoint that names its classes")
-        return *labelled_folder(root, classes, size), classes
-    arrays = load_cifar10(data.root, data.download, data.cache_dir)
+        return *labelled_folder(root, classes, shape), classes
+    image_size = shape[1] if data.image_size is None else data.image_size  # a tree: at the model's size
+    arrays = load_dataset(data.name, data.root, data.download, data.cache_dir, image_size, data.channels)
     classes = classes or arrays.classes
     unknown = sorted(set(arrays.classes) - set(classes))
     if unknown:
         raise UserError(f"data.root={data.root}: classes {unknown} are not classes of the model ({', '.join(classes)})")
     relabel = np.array([classes.index(name) for name in arrays.classes])
     images = np.ascontiguousarray(arrays.test_images.transpose(0, 3, 1, 2))  # the slides' permute, N×H×W×C → N×C×H×W
-    if images.shape[2:] != size:
-        raise UserError(f"data.root={data.root}: its images are {images.shape[2:]}, the model takes {size}")
+    if images.shape[1:] != tuple(shape):
+        have, want = ("×".join(map(str, s)) for s in (images.shape[1:], shape))
+        raise UserError(f"data.root={data.root}: its images are {have} (data={data.name}, data.channels="
+                        f"{data.channels}), the model takes {want}: name the data it was trained on")  # fmt: skip
     return images, relabel[arrays.test_labels], classes
 
 
@@ -97,6 +107,7 @@ def score(model: Model, images: np.ndarray, labels: np.ndarray, batch_size: int,
         },
         "images": len(labels),
         "confusion_matrix": confusion.tolist(),
+        "top_confusions": top_confusions(confusion.tolist(), model.classes),
     }
 
 
@@ -104,10 +115,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
     import matplotlib
 
     matplotlib.use("Agg")
-    from torchmetrics.classification import MulticlassConfusionMatrix
-
-    figure, _ = MulticlassConfusionMatrix(len(classes)).plot(torch.tensor(confusion), labels=classes)
-    figure.set_size_inches(8, 8)
+    figure = confusion_figure(torch.tensor(confusion), classes)
     write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100, bbox_inches="tight"))
     import matplotlib.pyplot as plt
 
@@ -137,7 +145,7 @@ def evaluate(cfg: DictConfig) -> dict:
     device = EVAL_DEVICES[cfg.trainer.accelerator]  # check() has refused any other, and a device this machine lacks
     model = load_model(str(cfg.ckpt_path), cfg.outputs_root, device=device, fallback=from_config)
     images, labels, model.description["classes"] = evaluation_set(
-        cfg.data, model.classes, model.image_size, trained_on(model.description)
+        cfg.data, model.classes, model.input_shape, trained_on(model.description)
     )
     scores = score(model, images, labels, cfg.data.eval_batch_size, tta=cfg.data.get("tta", False))
     metrics = {**scores, "ckpt_path": str(model.source), "run_dir": cfg.output_dir}

@@ -88,6 +88,6 @@ def export_checked(cfg) -> tuple[Path, Parity]:
         raise UserError("ckpt_path=... is required: python src/export.py ckpt_path=<checkpoint> format=onnx|pt2")
     target = export(str(cfg.ckpt_path), cfg.format, cfg.get("output"), cfg.outputs_root)
     reference = load_model(str(cfg.ckpt_path), cfg.outputs_root, device="cpu")
-    images, _, _ = evaluation_set(cfg.data, reference.classes, reference.image_size, trained_on(reference.description))
+    images, _, _ = evaluation_set(cfg.data, reference.classes, reference.input_shape, trained_on(reference.description))
     images = images[: cfg.parity_images]
     return target, parity(reference, load_model(str(target)), images, (1, min(64, len(images))))

@@ -27,7 +27,8 @@ class InsideView(Callback):
             return
         if self.images is None:
             images, labels = datamodule.splits["val"]
-            first = [int((labels == c).nonzero()[0]) for c in labels.unique().tolist()]  # one per class, in order
+            # one per class, in order; the first ten classes of a data set with more (CIFAR-100)
+            first = [int((labels == c).nonzero()[0]) for c in labels.unique().tolist()[:10]]
             self.images = images[first]
         net = pl_module.net
         with torch.no_grad():

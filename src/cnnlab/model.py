@@ -1,4 +1,4 @@
-"""The slides' CNN for CIFAR-10, and the output-size formula that sizes it.
+"""The slides' CNN, sized for its data by the output-size formula; for CIFAR-10's 3×32×32 images, as in the slides:
 
 input                 3×32×32
 conv1 3→32, k3        32×30×30   (32 + 2·0 − 3) / 1 + 1 = 30
@@ -63,8 +63,8 @@ def size_steps(image_size: int, conv1_kernel: int, conv2_kernel: int, stride: in
             raise UserError(
                 f"model: {layer} (kernel {kernel}, stride {layer_stride}, padding {layer_padding}) does not fit its "
                 f"{size}×{size} input: (in + 2·pad − kernel) / stride + 1 = {out}. Use a smaller {kernel_key}, "
-                f"model.stride or model.pool_size, more model.padding, or a larger model.image_size "
-                f"(it is {image_size})."
+                f"model.stride or model.pool_size, more model.padding (e.g. model.padding=1), or larger images "
+                f"(data.image_size, it is {image_size})."
             )
         steps.append(SizeStep(layer, size, kernel, layer_stride, layer_padding, out))
         size = out

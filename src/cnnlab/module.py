@@ -11,6 +11,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cnnlab import UserError
+from cnnlab.pictures import confusion_figure
 
 
 def per_step(scheduler: Callable) -> bool:
@@ -119,8 +120,7 @@ class LitClassifier(LightningModule):
         self.test_per_class = {name: float(accuracy) for name, accuracy in zip(names, per_class, strict=True)}
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                figure, _ = self.test_confusion.plot(confusion, labels=names)
-                figure.set_size_inches(8, 8)
+                figure = confusion_figure(confusion.cpu(), names)
                 logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
                 logger.experiment.add_figure("test/acc_per_class", per_class_chart(self.test_per_class),
                                              self.global_step)  # fmt: skip
@@ -147,8 +147,8 @@ class LitClassifier(LightningModule):
             checkpoint["cnnlab"] = {
                 "model": self.hparams.model_config,
                 "input_shape": list(self.net.input_shape),
-                "mean": list(datamodule.hparams.mean),
-                "std": list(datamodule.hparams.std),
+                "mean": list(datamodule.mean),  # the normalisation's, computed from the data where not configured
+                "std": list(datamodule.std),
                 "classes": list(datamodule.classes),
                 "run": self.hparams.run,
             }
@@ -183,12 +183,14 @@ class LitClassifier(LightningModule):
 
 
 def per_class_chart(accuracy: dict[str, float]):
-    """A bar a class: its test accuracy in %."""
+    """A bar a class: its test accuracy in %; for more than 20 classes, the 20 worst."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if len(accuracy) > 20:  # CIFAR-100: the 20 worst classes, worst on top (all of them are in metrics.json)
+        accuracy = dict(sorted(accuracy.items(), key=lambda item: item[1])[:20])
     figure, axes = plt.subplots(figsize=(6, 0.35 * len(accuracy) + 1))
     names = list(accuracy)[::-1]  # the first class on top
     axes.barh(names, [100 * accuracy[name] for name in names], color="#4c72b0")

@@ -1,4 +1,5 @@
-"""Pictures of what the network learned: the first layer's filters and the activation maps, as the lecture shows them.
+"""Pictures of what the network learned: the first layer's filters and the activation maps, as the lecture shows them,
+and the test's confusion matrix, readable for 10 classes or 100.
 
 The grids are what cnnlab.inside_view.InsideView logs to TensorBoard while training; `filters_figure` and
 `activations_figure` are the same pictures as labelled matplotlib figures for a checkpoint (src/visualize.py).
@@ -78,10 +79,12 @@ def filters_figure(net: nn.Sequential):
     for index, axis in enumerate(axes.flat):
         axis.axis("off")
         if index < count:
-            axis.imshow(kernels[index].permute(1, 2, 0).numpy(), interpolation="nearest")
+            axis.imshow(as_picture(kernels[index]), cmap="gray", interpolation="nearest")
             axis.set_title(f"channel {index}", fontsize=7)
-    k = kernels.shape[-1]
-    figure.suptitle(f"conv1: {count} filters of 3×{k}×{k} (RGB, each filter scaled to its own range)", fontsize=10)
+    channels, k = kernels.shape[1], kernels.shape[-1]
+    colours = "RGB" if channels == 3 else "grey" if channels == 1 else "first channel"
+    figure.suptitle(f"conv1: {count} filters of {channels}×{k}×{k} ({colours}, each filter scaled to its own range)",
+                    fontsize=10)  # fmt: skip
     figure.tight_layout()
     return figure
 
@@ -99,7 +102,7 @@ def activations_figure(net: nn.Sequential, images: torch.Tensor, inputs: torch.T
     columns = 1 + maps * len(blocks)
     figure, axes = plt.subplots(len(images), columns, figsize=(columns * 0.9, len(images) * 1.0 + 0.6), squeeze=False)
     for row, (image, name) in enumerate(zip(images, names, strict=True)):
-        axes[row, 0].imshow(image.permute(1, 2, 0).numpy())
+        axes[row, 0].imshow(as_picture(image), cmap="gray")
         axes[row, 0].set_ylabel(name, fontsize=7)
         for b, (block, values) in enumerate(blocks):
             scaled = scale_each(values[row])
@@ -114,3 +117,29 @@ def activations_figure(net: nn.Sequential, images: torch.Tensor, inputs: torch.T
     figure.suptitle("input, then the first maps after each conv block (conv · ReLU · pool), each scaled", fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def as_picture(tile: torch.Tensor):
+    """C×H×W → what matplotlib shows: H×W×3 for colour, H×W (drawn grey) for one channel (or the first of others)."""
+    return tile.permute(1, 2, 0).numpy() if tile.shape[0] == 3 else tile[0].numpy()
+
+
+def confusion_figure(confusion: torch.Tensor, classes: list[str]):
+    """The confusion matrix (rows: true class, columns: predicted) as torchmetrics draws it, with a count in each
+    cell for up to 20 classes; for more (CIFAR-100) the colours alone, larger, and top_confusions as numbers."""
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    many = len(classes) > 20
+    figure, axes = MulticlassConfusionMatrix(len(classes)).plot(confusion, labels=classes, add_text=not many)
+    if many:
+        axes.tick_params(labelsize=5)
+    figure.set_size_inches(16 if many else 8, 16 if many else 8)
+    return figure
+
+
+def top_confusions(confusion: list[list[int]], classes: list[str], count: int = 10) -> list[dict]:
+    """The most frequent mistakes, most first: {"true", "predicted", "images"} (a table that stays readable when
+    the matrix has 10,000 cells)."""
+    cells = [(n, t, p) for t, row in enumerate(confusion) for p, n in enumerate(row) if t != p and n > 0]
+    return [{"true": classes[t], "predicted": classes[p], "images": n}
+            for n, t, p in sorted(cells, key=lambda c: (-c[0], c[1], c[2]))[:count]]  # fmt: skip

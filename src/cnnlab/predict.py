@@ -78,7 +78,7 @@ def predict_files(cfg) -> Predictions:
             raise UserError(f"{key}=... is required: python src/predict.py ckpt_path=<checkpoint> inputs=<images>")
     files = find_images(str(cfg.inputs))  # before loading the model: a wrong path fails at once
     model = load_model(str(cfg.ckpt_path), cfg.outputs_root, cfg.device)
-    kept, images, skipped = read_images(files, model.image_size)
+    kept, images, skipped = read_images(files, model.input_shape)
     top = predict(model, images, cfg.batch_size, cfg.top_k) if kept else []
     if kept and cfg.get("output"):
         write_predictions(Path(cfg.output), kept, top)

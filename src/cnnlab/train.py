@@ -16,7 +16,9 @@ from cnnlab import checkpoints, make, resume, scale, write_metrics
 from cnnlab.checks import check
 from cnnlab.config import overridden
 from cnnlab.console import result_lines
+from cnnlab.data.sources import follow_the_data
 from cnnlab.module import LitClassifier
+from cnnlab.pictures import top_confusions
 from cnnlab.process import keep_freed_memory, share_the_machine
 from cnnlab.quiet import quiet_libraries
 from cnnlab.stops import RunGuard
@@ -30,7 +32,11 @@ if logging.getLogger().handlers:
 
 def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDataModule, LitClassifier, L.Trainer]:
     """Data · model · module · Trainer, each from its config group."""
+    arrays = follow_the_data(cfg)  # model.image_size, num_classes: an image tree's, when the config leaves them to it
+    if arrays is not None:
+        check(cfg)  # the network's shapes, now that they are known
     datamodule = make(cfg.data, _convert_="all")  # plain lists: checkpoints load with weights_only
+    datamodule.prepared = arrays  # read once
     net = make(cfg.model)
     module = LitClassifier(
         net,
@@ -73,6 +79,7 @@ def run_record(cfg: DictConfig) -> dict:
     return {
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
         "data_root": {"given": str(cfg.data.root), "resolved": str(Path(cfg.data.root).expanduser().resolve())},
+        "data": {key: cfg.data[key] for key in ("name", "channels", "image_size")},  # which data set, read how
         "optimizer": cfg.optimizer._target_ if cfg.get("optimizer") else None,
         "scheduler": scheduler._target_ if scheduler else None,
         "max_epochs": cfg.trainer.max_epochs,
@@ -92,7 +99,8 @@ def hyperparameters(cfg: DictConfig) -> dict:
     whole config stays in the run's .hydra/config.yaml). TensorBoard sorts the names and shows the first five
     at first: augment, batch_size, epochs, lr, optimizer; then model.* (the network's settings given on the
     command line, as a sweep does), optimizer.* and scheduler.* settings, precision, scheduler, seed, and the
-    levers of experiment=best: smoothing (loss.label_smoothing), weight_ema (its decay)."""
+    levers of experiment=best: smoothing (loss.label_smoothing), weight_ema (its decay), and trained_on (the data
+    set)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     optimizer, scheduler = config.get("optimizer") or {}, config.get("scheduler") or {}
     data, trainer, model = config.get("data") or {}, config.get("trainer") or {}, config.get("model") or {}
@@ -108,6 +116,7 @@ def hyperparameters(cfg: DictConfig) -> dict:
         "smoothing": (config.get("loss") or {}).get("label_smoothing"),  # names that sort after the first five
         "weight_ema": ((config.get("callbacks") or {}).get("ema") or {}).get("decay"),  # None: no EMA
         "epochs": trainer.get("max_epochs"),
+        "trained_on": data.get("name"),  # the data set (data=…)
         "seed": config.get("seed"),
         **{f"model.{key}": model[key] for key in overridden("model") if key in model},
     }
@@ -154,6 +163,7 @@ def train(cfg: DictConfig) -> dict | None:
         "val/acc_best": best_val_acc(module),
         **{f"test/acc_class/{name}": value for name, value in module.test_per_class.items()},
         "confusion_matrix": module.test_confusion_counts,  # rows: true class, columns: predicted; every test image once
+        "top_confusions": top_confusions(module.test_confusion_counts, list(module.test_per_class)),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "seed": cfg.seed,

@@ -2,7 +2,7 @@
 
 A checkpoint carries, as plain data, the model's config, its input shape, the normalisation and the class
 names (LitClassifier.on_save_checkpoint, key "cnnlab"). From it `load_model` builds a `Deployable`: the network
-in eval mode behind the slides' pre-processing, so that it takes what image files give, uint8 N×3×H×W, and
+in eval mode behind the slides' pre-processing, so that it takes what image files give, uint8 N×C×H×W, and
 returns logits. cnnlab.export writes the same `Deployable` as ONNX or .pt2 with the description inside, and
 `load_model` reads those files back with the same interface. Nothing here imports Lightning.
 """
@@ -31,7 +31,7 @@ DESCRIPTION = "cnnlab.json"  # the description's name inside an exported file
 
 
 class Deployable(nn.Module):
-    """uint8 images N×3×H×W (as image files give them, after the slides' permute) → logits N×classes.
+    """uint8 images N×C×H×W (as image files give them, after the slides' permute) → logits N×classes.
 
     The normalisation of training is folded in (cnnlab.data.pixels); the network is in eval mode (dropout off)."""
 
@@ -48,7 +48,7 @@ class Deployable(nn.Module):
 
 @dataclass
 class Model:
-    """A model ready to predict, from a checkpoint or an exported file: `run` takes uint8 N×3×H×W numpy."""
+    """A model ready to predict, from a checkpoint or an exported file: `run` takes uint8 N×C×H×W numpy."""
 
     source: Path
     description: dict  # model, input_shape, mean, std, classes
@@ -59,9 +59,9 @@ class Model:
         return self.description["classes"]
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        _, height, width = self.description["input_shape"]
-        return height, width
+    def input_shape(self) -> tuple[int, int, int]:
+        """C×H×W: 3 channels for colour, 1 for grey."""
+        return tuple(self.description["input_shape"])
 
 
 def resolve_model_path(ckpt_path: str, outputs_root: str) -> Path:

@@ -24,14 +24,14 @@ def visualize(cfg) -> list:
     if path.suffix.lower() != ".ckpt":
         raise UserError(f"ckpt_path={path}: visualize reads a Lightning checkpoint (.ckpt)")
     model, description = deployable_from_checkpoint(load_checkpoint(path), path)
-    size = tuple(description["input_shape"][1:])
+    shape = tuple(description["input_shape"])
     if cfg.get("image"):
-        kept, images, skipped = read_images([Path(cfg.image).expanduser()], size)
+        kept, images, skipped = read_images([Path(cfg.image).expanduser()], shape)
         if not kept:
             raise UserError(f"image={cfg.image}: {skipped[0][1] if skipped else 'no such file'}")
         names = [Path(cfg.image).name]
     else:
-        all_images, labels, classes = evaluation_set(cfg.data, description["classes"], size, trained_on(description))
+        all_images, labels, classes = evaluation_set(cfg.data, description["classes"], shape, trained_on(description))
         first = [int(np.flatnonzero(labels == c)[0]) for c in sorted(set(labels.tolist()))]
         images, names = all_images[first], [classes[labels[i]] for i in first]
     pixels = torch.from_numpy(np.ascontiguousarray(images))

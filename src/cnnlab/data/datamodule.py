@@ -1,4 +1,5 @@
-"""The CIFAR-10 LightningDataModule: the slides' permute once, uint8 splits in memory, on-device normalise and augment.
+"""The LightningDataModule of every data set: the slides' permute once, uint8 splits in memory, on-device normalise
+and augment.
 
 The splits are N×C×H×W uint8 tensors (cnnlab.data.sources gives N×H×W×C), on the model's device with
 data.on_device; each batch is a slice (cnnlab.data.batches), and the float conversion, normalisation and
@@ -11,29 +12,33 @@ from lightning import LightningDataModule
 from cnnlab import UserError
 from cnnlab.data.batches import TensorBatches
 from cnnlab.data.pixels import normalise, scale_and_shift
-from cnnlab.data.sources import CifarArrays, load_cifar10
+from cnnlab.data.sources import Arrays, channel_stats, load_dataset
 
 VAL_SPLIT_SEED = 0  # the train/val split is fixed: it must not change with the training seed
 
 
-def random_crop_flip(images: torch.Tensor, padding: int) -> torch.Tensor:
-    """Random crop after zero padding and random horizontal flip, for a whole B×C×H×W batch at once."""
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool = True) -> torch.Tensor:
+    """Random crop after zero padding and (with `flip`) random horizontal flip, for a whole B×C×H×W batch at once."""
     batch, _, height, width = images.shape
     padded = torch.nn.functional.pad(images, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (batch, 1), device=images.device)
     dx = torch.randint(0, 2 * padding + 1, (batch, 1), device=images.device)
     rows = (dy + torch.arange(height, device=images.device))[:, None, :, None]  # B×1×H×1
     cols = (dx + torch.arange(width, device=images.device))[:, None, None, :]  # B×1×1×W
-    flip = torch.rand(batch, 1, 1, 1, device=images.device) < 0.5
-    cols = torch.where(flip, 2 * dx[:, None, None, :] + width - 1 - cols, cols)  # mirror inside the crop
+    if flip:
+        mirrored = torch.rand(batch, 1, 1, 1, device=images.device) < 0.5
+        cols = torch.where(mirrored, 2 * dx[:, None, None, :] + width - 1 - cols, cols)  # mirror inside the crop
     batch_index = torch.arange(batch, device=images.device)[:, None, None, None]
     channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
     return padded[batch_index, channels, rows, cols]
 
 
-class CIFAR10DataModule(LightningDataModule):
+class ImageDataModule(LightningDataModule):
+    """One data set (data.name) as uint8 splits: train and validation cut from its training images, and its test."""
+
     def __init__(
         self,
+        name: str,
         root: str,
         download: bool,
         cache_dir: str,
@@ -42,30 +47,48 @@ class CIFAR10DataModule(LightningDataModule):
         eval_batch_size: int,
         augment: bool,
         crop_padding: int,
-        mean: list[float],
-        std: list[float],
+        flip: bool,
+        mean: list[float] | None,  # None: computed from the training images
+        std: list[float] | None,
         on_device: bool,
+        channels: str,  # RGB or L: each image is converted to it
+        image_size: int | None,  # each image resized to a square of this side; None: the images' own size
+        num_classes: int | None,  # None: as many as the data has
         seed: int,  # the epochs' orders are drawn from (seed, epoch): conf/data/cifar10.yaml takes the run's seed
         tta: bool = False,  # read by LitClassifier's test step and by eval.py, not here
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.classes: list[str] = []
+        self.mean, self.std = mean, std  # the normalisation's; from the training images when not configured
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scale_shift: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # scale, shift per device
-        self.prepared: CifarArrays | None = None
+        self.prepared: Arrays | None = None
+
+    def load(self) -> Arrays:
+        hp = self.hparams
+        arrays = load_dataset(hp.name, hp.root, hp.download, hp.cache_dir, hp.image_size, hp.channels)
+        if hp.num_classes is not None and hp.num_classes != len(arrays.classes):
+            found = len(arrays.classes)
+            raise UserError(f"data.num_classes={hp.num_classes}, but data.root={hp.root} has {found} classes: set "
+                            f"data.num_classes={found}, or null to follow the data")  # fmt: skip
+        return arrays
 
     def prepare_data(self) -> None:
         # Runs once per machine, before any process of a multi-GPU run reads the data: download, or decode into
         # the cache. The arrays are kept for setup() in the same process, which so skips reading them again.
-        self.prepared = load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
+        if self.prepared is None:  # else read already, for the network to follow (cnnlab.data.sources.follow_the_data)
+            self.prepared = self.load()
 
     def setup(self, stage: str) -> None:
         if self.splits:
             return
-        arrays = self.prepared or load_cifar10(self.hparams.root, self.hparams.download, self.hparams.cache_dir)
+        arrays = self.prepared or self.load()
         self.prepared = None  # the splits below are copies: let the arrays go
         self.classes = arrays.classes
+        if self.mean is None or self.std is None:  # the same on every process: computed from the same images
+            mean, std = channel_stats(arrays.train_images)
+            self.mean, self.std = self.mean or mean, self.std or std
         # The slides' pre-processing step: images come as B×H×W×C (height, width, colour last), nn.Conv2d wants
         # B×C×H×W. torch.permute(0, 3, 1, 2) reorders the axes (a view), and index_select then copies each split
         # out in the new order, for the whole set at once; the images stay uint8.
@@ -74,6 +97,8 @@ class CIFAR10DataModule(LightningDataModule):
         train_labels, test_labels = torch.from_numpy(arrays.train_labels), torch.from_numpy(arrays.test_labels)
 
         val_size = self.hparams.val_size
+        if isinstance(val_size, float):  # a share of the training images
+            val_size = max(1, round(val_size * len(train_labels)))
         if not 0 < val_size < len(train_labels):
             raise UserError(f"data.val_size={val_size} must be between 1 and {len(train_labels) - 1}")
         order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
@@ -84,8 +109,8 @@ class CIFAR10DataModule(LightningDataModule):
             "test": (test_images.contiguous(), test_labels.clone()),
         }
         if self.hparams.on_device and self.trainer is not None:
-            # The whole uint8 set (180 MB) moves to the model's device once, so a GPU gathers each batch itself:
-            # no host-to-device copy per step. On a CPU this changes nothing.
+            # The whole uint8 set (180 MB for CIFAR-10) moves to the model's device once, so a GPU gathers each batch
+            # itself: no host-to-device copy per step. On a CPU this changes nothing.
             device = self.trainer.strategy.root_device
             self.splits = {name: (x.to(device), y.to(device)) for name, (x, y) in self.splits.items()}
 
@@ -115,11 +140,11 @@ class CIFAR10DataModule(LightningDataModule):
         images, labels = batch
         images = self.normalize(images)
         if self.hparams.augment and self.trainer is not None and self.trainer.training:
-            images = random_crop_flip(images, self.hparams.crop_padding)
+            images = random_crop_flip(images, self.hparams.crop_padding, self.hparams.flip)
         return images, labels
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 0–255 → float, normalised per channel (cnnlab.data.pixels), with scale and shift kept per device."""
         if images.device not in self.scale_shift:
-            self.scale_shift[images.device] = scale_and_shift(self.hparams.mean, self.hparams.std, images.device)
+            self.scale_shift[images.device] = scale_and_shift(self.mean, self.std, images.device)
         return normalise(images, *self.scale_shift[images.device])

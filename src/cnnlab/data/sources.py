@@ -1,208 +1,140 @@
-"""CIFAR-10 from where it lies (`data.root`) to four uint8 arrays in memory, and the cache that makes it quick.
+"""The data sets, from where they lie (`data.root`) to four uint8 arrays in memory: CIFAR-10/100, MNIST,
+Fashion-MNIST, SVHN (torchvision's own classes) and any image tree.
 
-Sources, detected in this order:
-  - a .tar.gz/.tgz/.tar/.zip of an image-folder tree  train/<class>/*.jpg|png, test/<class>/*  (any prefix)
-  - a folder holding torchvision's official CIFAR-10 (cifar-10-batches-py/)
-  - a folder holding an image-folder tree (at its top or one folder down)
-  - otherwise, with data.download=true, torchvision downloads the official CIFAR-10 into the folder.
-An image tree is decoded once into a cache (data.cache_dir) that later runs map into memory at once. Both
-sources end as N×H×W×C uint8 arrays, as torchvision's CIFAR10.data is.
+`load_dataset` looks at `data.root`, in this order:
+  - a .tar.gz/.tgz/.tar/.zip of an image tree train/<class>/* + test/<class>/* (any prefix), or a folder holding
+    such a tree (at its top or one folder down): decoded once into a cache (cnnlab.data.trees);
+  - the data set's own files as torchvision keeps them (cifar-10-batches-py/, cifar-100-python/, MNIST/raw/,
+    FashionMNIST/raw/, train_32x32.mat), read by torchvision's class for it;
+  - otherwise, with data.download=true, torchvision downloads the data set into the folder.
+All end as N×H×W×C uint8 arrays (torchvision's CIFAR10.data is one), converted to the configured channels
+(RGB or L) and image size.
 """
 
-import hashlib
-import io
-import json
-import os
-import re
-import shutil
-import tarfile
-import tempfile
-import zipfile
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
-from cnnlab import UserError
-from cnnlab.quiet import ConsoleNoise
-
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+from cnnlab import CHANNELS, UserError
+from cnnlab.data.trees import ARCHIVE_SUFFIXES, Arrays, find_image_tree, load_tree_cached, to_pixels
 
 
-# <anything>/(train|test)/<class>/<file>.(png|jpg|jpeg)
-IMAGE_PATH = re.compile(r"(?:^|/)(train|test)/([^/]+)/[^/]+\.(?:png|jpe?g)$", re.IGNORECASE)
+class TorchvisionSet(NamedTuple):
+    title: str  # as people write it
+    dataset: str  # torchvision.datasets.<dataset>
+    files: str  # what it looks for in data.root
 
 
-class CifarArrays(NamedTuple):
-    train_images: np.ndarray  # N×H×W×C uint8
-    train_labels: np.ndarray  # N int64
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    classes: list[str]
+TORCHVISION = {
+    "cifar10": TorchvisionSet("CIFAR-10", "CIFAR10", "cifar-10-batches-py/"),
+    "cifar100": TorchvisionSet("CIFAR-100", "CIFAR100", "cifar-100-python/"),
+    "mnist": TorchvisionSet("MNIST", "MNIST", "MNIST/raw/"),
+    "fashion_mnist": TorchvisionSet("Fashion-MNIST", "FashionMNIST", "FashionMNIST/raw/"),
+    "svhn": TorchvisionSet("SVHN", "SVHN", "train_32x32.mat + test_32x32.mat"),
+}
 
 
-def load_cifar10(root: str | Path, download: bool, cache_dir: str | Path) -> CifarArrays:
-    """Detect the format of `root` and return CIFAR-10 as N×H×W×C uint8 arrays."""
+def load_dataset(name: str, root: str | Path, download: bool, cache_dir: str | Path, image_size: int | None,
+                 channels: str) -> Arrays:  # fmt: skip
+    """Detect what `root` holds and return the data set `name` as N×H×W×C uint8 arrays in `channels` (RGB or L),
+    image_size × image_size (None: the images' own size; an image tree's most common one)."""
     root = Path(root).expanduser()
     if root.is_file():
         if not root.name.lower().endswith(ARCHIVE_SUFFIXES):
             raise UserError(f"data.root={root} is a file but not an archive ({', '.join(ARCHIVE_SUFFIXES)})")
-        return load_image_tree_cached(root, Path(cache_dir).expanduser())
-    if (root / "cifar-10-batches-py").is_dir():
-        return load_torchvision(root, download=False)
+        return load_tree_cached(root, Path(cache_dir).expanduser(), image_size, channels)
     tree = find_image_tree(root)
     if tree is not None:
-        return load_image_tree_cached(tree, Path(cache_dir).expanduser())
-    if download:
-        return load_torchvision(root, download=True)
+        return load_tree_cached(tree, Path(cache_dir).expanduser(), image_size, channels)
+    if name == "folder":
+        raise UserError(f"data.root={root}: no image tree found: data=folder reads a folder (or a .tar.gz/.zip) "
+                        f"holding train/<class>/<image> and test/<class>/<image>")  # fmt: skip
+    known = TORCHVISION[name]
+    if has_torchvision_files(name, root) or download:
+        return fitted(load_torchvision(name, root, download), image_size, channels)
     raise UserError(
-        f"data.root={root}: no CIFAR-10 found. Looked for torchvision's cifar-10-batches-py/ folder, an image "
-        f"tree train/<class>/*.png|jpg + test/<class>/*, and a .tar.gz/.zip of such a tree. "
-        f"Point data.root at one of these, or set data.download=true to download the official CIFAR-10 there."
+        f"data.root={root}: no {known.title} found. Looked for torchvision's {known.files}, an image tree "
+        f"train/<class>/*.png|jpg + test/<class>/*, and a .tar.gz/.zip of such a tree. Point data.root at one of "
+        f"these, or set data.download=true to download the official {known.title} there."
     )
 
 
-def load_torchvision(root: Path, download: bool) -> CifarArrays:
-    from torchvision.datasets import CIFAR10
+def has_torchvision_files(name: str, root: Path) -> bool:
+    if name == "svhn":
+        return (root / "train_32x32.mat").is_file()
+    return (root / TORCHVISION[name].files).is_dir()
 
+
+def load_torchvision(name: str, root: Path, download: bool) -> Arrays:
+    """The data set through torchvision's own class for it: its files, its labels, its class names."""
+    import torchvision.datasets
+
+    known = TORCHVISION[name]
+    dataset = getattr(torchvision.datasets, known.dataset)
     try:
-        train = CIFAR10(str(root), train=True, download=download)
-        test = CIFAR10(str(root), train=False, download=download)
-    except (OSError, RuntimeError) as err:  # no network, a half-downloaded or corrupt archive, no write access
+        if name == "svhn":  # its split is a name, and torchvision keeps its images as N×C×H×W
+            train, test = (dataset(str(root), split=split, download=download) for split in ("train", "test"))
+            images = [np.ascontiguousarray(d.data.transpose(0, 2, 3, 1)) for d in (train, test)]
+            labels = [np.asarray(d.labels, dtype=np.int64) for d in (train, test)]
+            classes = [str(digit) for digit in range(10)]  # torchvision maps SVHN's label 10 to the digit 0
+        else:
+            train, test = (dataset(str(root), train=split, download=download) for split in (True, False))
+            images = [np.asarray(d.data) for d in (train, test)]  # CIFAR: numpy N×H×W×C; MNIST: a tensor N×H×W
+            images = [pixels[..., None] if pixels.ndim == 3 else pixels for pixels in images]
+            labels = [np.asarray(d.targets, dtype=np.int64) for d in (train, test)]
+            classes = list(train.classes)
+    except ImportError as err:  # SVHN's .mat files need scipy
+        raise UserError(f"data={name} needs {err.name}, which is not installed: pip install {err.name}") from err
+    except (OSError, RuntimeError, ValueError) as err:  # no network, a half-downloaded or corrupt file
         raise UserError(
-            f"data.root={root}: could not {'download' if download else 'read'} torchvision's CIFAR-10 ({err}). "
-            f"Without network, point data.root at a local copy (an image tree or its .tar.gz/.zip)."
+            f"data.root={root}: could not {'download' if download else 'read'} torchvision's {known.title} "
+            f"({' '.join(str(err).split())}). Without network, point data.root at a local copy (torchvision's "
+            f"{known.files}, an image tree or its .tar.gz/.zip)."
         ) from err
-    labels = [np.asarray(d.targets, dtype=np.int64) for d in (train, test)]
-    return CifarArrays(train.data, labels[0], test.data, labels[1], list(train.classes))
+    return Arrays(images[0], labels[0], images[1], labels[1], classes)
 
 
-def find_image_tree(folder: Path) -> Path | None:
-    """`folder` itself if it holds train/ and test/, or its only sub-folder that does (an unpacked archive)."""
-    if not folder.is_dir():
+def fitted(arrays: Arrays, image_size: int | None, channels: str) -> Arrays:
+    """The arrays in `channels` and image_size × image_size, each image converted as an image file is
+    (cnnlab.data.trees.to_pixels); arrays that already fit are returned as they are."""
+    from PIL import Image
+
+    height, width, have = arrays.train_images.shape[1:]
+    size = image_size or height
+    if have == CHANNELS[channels] and (height, width) == (size, size):
+        return arrays
+
+    def convert(images: np.ndarray) -> np.ndarray:
+        return np.stack([to_pixels(Image.fromarray(image.squeeze(-1) if have == 1 else image), size, channels)
+                         for image in images])  # fmt: skip
+
+    return arrays._replace(train_images=convert(arrays.train_images), test_images=convert(arrays.test_images))
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 N×H×W×C images, on the 0–1 scale of the normalisation
+    (cnnlab.data.pixels): exact, from a histogram of each channel's 256 values (no float copy of the images)."""
+    values = np.arange(256, dtype=np.float64) / 255
+    mean, std = [], []
+    for channel in range(images.shape[-1]):
+        counts = np.bincount(np.ascontiguousarray(images[..., channel]).ravel(), minlength=256).astype(np.float64)
+        m = float(counts @ values / counts.sum())
+        mean.append(m)
+        std.append(float(np.sqrt(counts @ (values - m) ** 2 / counts.sum())))
+    return mean, std
+
+
+def follow_the_data(cfg) -> Arrays | None:
+    """The network follows the data: model.image_size and model.num_classes left null, as data=folder leaves them
+    (an image tree's most common size, its train/<class>/ folders), are known once the data is read. Read it (once,
+    then cached), fill them in, and return the arrays for the DataModule; None when the config gave both."""
+    model, data = cfg.model, cfg.data
+    if model.image_size is not None and model.num_classes is not None:
         return None
-    candidates = [folder] + sorted(p for p in folder.iterdir() if p.is_dir())
-    for candidate in candidates:
-        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
-            return candidate
-    return None
-
-
-def image_files(source: Path) -> Iterator[tuple[str, bytes]]:
-    """(path inside the tree, file bytes) for every file of a folder, tar or zip, read in place."""
-    if source.is_dir():
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                yield path.relative_to(source).as_posix(), path.read_bytes()
-    elif source.name.lower().endswith(".zip"):
-        with zipfile.ZipFile(source) as archive:
-            for info in archive.infolist():
-                if not info.is_dir():
-                    yield info.filename, archive.read(info)
-    else:
-        with tarfile.open(source) as archive:  # streams .tar.gz without unpacking it anywhere
-            for member in archive:
-                if member.isfile():
-                    yield member.name, archive.extractfile(member).read()
-
-
-def decode_image_tree(source: Path) -> CifarArrays:
-    """Decode every train/<class>/* and test/<class>/* image of `source` into N×H×W×C uint8 arrays."""
-    found: dict[str, list[tuple[str, str, np.ndarray]]] = {"train": [], "test": []}
-    try:
-        files = image_files(source)
-        progress = tqdm(
-            files,
-            desc=f"decoding {source.name} (once, then cached)",
-            unit=" files",
-            mininterval=2,
-            disable=True if ConsoleNoise.quiet else None,
-        )  # None: no bar where stderr is not a terminal
-        for name, data in progress:
-            match = IMAGE_PATH.search(name)
-            if match is None:
-                continue
-            split, label = match.group(1).lower(), match.group(2)
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    pixels = np.asarray(image.convert("RGB"))  # H×W×C, as torchvision's CIFAR10.data
-            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError… for a damaged file
-                reason = "not an image PIL can identify" if isinstance(err, UnidentifiedImageError) else err
-                raise UserError(f"data.root={source}: cannot decode image {name}: {reason}") from err
-            found[split].append((label, name, pixels))
-    except (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as err:  # truncated, corrupt
-        reason = " ".join(str(err).split())  # tarfile's reasons come one per line
-        raise UserError(f"data.root={source}: cannot read it, truncated or damaged? ({reason})") from err
-
-    if not found["train"] or not found["test"]:
-        raise UserError(
-            f"data.root={source}: found {len(found['train'])} train and {len(found['test'])} test images; "
-            f"an image tree needs both train/<class>/*.png|jpg and test/<class>/*.png|jpg"
-        )
-    classes = sorted({label for label, _, _ in found["train"]})  # label order = sorted names, as ImageFolder
-    unknown = sorted({label for label, _, _ in found["test"]} - set(classes))
-    if unknown:
-        raise UserError(f"data.root={source}: test classes {unknown} have no train images")
-    shape = found["train"][0][2].shape
-    arrays = []
-    for split in ("train", "test"):
-        items = sorted(found[split], key=lambda item: (classes.index(item[0]), item[1]))
-        for _, name, pixels in items:
-            if pixels.shape != shape:
-                raise UserError(f"data.root={source}: image {name} is {pixels.shape}, the first one is {shape}")
-        arrays.append(np.stack([pixels for _, _, pixels in items]))
-        arrays.append(np.array([classes.index(label) for label, _, _ in items], dtype=np.int64))
-    return CifarArrays(*arrays, classes)
-
-
-def load_image_tree_cached(source: Path, cache_dir: Path) -> CifarArrays:
-    """Decode `source` once; later calls map the cache into memory, which costs nothing until it is read.
-
-    The cache is a folder of .npy files keyed by the source's path, size and modification time, written into a
-    temp folder that is then renamed into place: it is never seen half-written. Two processes that build it at
-    once both succeed (the second rename finds the first one's cache and keeps it); the temp folder of a build
-    that was killed is named by its process id, and the next build removes it."""
-    stat = source.stat()
-    key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = cache_dir / f"cifar10-{key}"
-    if cache.is_dir():
-        try:  # "c": copy-on-write, so torch.from_numpy gets a writable array without copying it
-            arrays = [np.load(cache / f"{field}.npy", mmap_mode="c") for field in CifarArrays._fields[:4]]
-            return CifarArrays(*arrays, json.loads((cache / "classes.json").read_text()))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{cache}: the decoded-image cache is damaged ({err}); delete that folder") from err
-    arrays = decode_image_tree(source)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        remove_abandoned(cache_dir.glob(f"{cache.name}.*.tmp"))
-        temp = Path(tempfile.mkdtemp(prefix=f"{cache.name}.{os.getpid()}.", suffix=".tmp", dir=cache_dir))
-        try:
-            for field in CifarArrays._fields[:4]:
-                np.save(temp / f"{field}.npy", getattr(arrays, field))
-            (temp / "classes.json").write_text(json.dumps(arrays.classes))
-            try:
-                temp.rename(cache)
-            except OSError:
-                if not cache.is_dir():  # else another process wrote the same cache first: keep theirs
-                    raise
-        finally:
-            shutil.rmtree(temp, ignore_errors=True)
-    except OSError as err:
-        raise UserError(f"data.cache_dir={cache_dir}: cannot write the decoded-image cache there ({err})") from err
+    arrays = load_dataset(data.name, data.root, data.download, data.cache_dir, data.image_size, data.channels)
+    if model.image_size is None:
+        model.image_size = int(arrays.train_images.shape[1])
+    if model.num_classes is None:
+        model.num_classes = len(arrays.classes)
     return arrays
-
-
-def remove_abandoned(temp_folders) -> None:
-    """Delete the temp folders of cache builds whose process is gone (killed mid-build)."""
-    for folder in temp_folders:
-        pid = folder.name.split(".")[1]
-        try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass  # not one of ours, or another user's live process
