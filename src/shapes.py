@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
     from cnnlab.shapes import format_table, quiz, shape_table
 
     try:
-        check(cfg)
+        check(cfg, builds=("model",))  # the data is read, not built: no Lightning
         if cfg.size is not None or cfg.kernel is not None:
             if cfg.size is None or cfg.kernel is None:
                 raise UserError("size=<in> kernel=<k> [stride=1] [padding=0]: give both size and kernel")

@@ -14,8 +14,14 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from cnnlab import UserError
-    from cnnlab.stops import Diverged, Interrupted
+    from cnnlab.checks import check
     from cnnlab.sweep import job_failed
+
+    try:
+        check(cfg, builds=())  # every value, before Lightning is imported: a wrong one is its line, at once
+    except UserError as err:
+        return job_failed(f"error: {err}", cfg.output_dir)
+    from cnnlab.stops import Diverged, Interrupted
     from cnnlab.train import first_process, train  # imported here so that --help does not wait for torch
 
     try:

@@ -1,8 +1,8 @@
 """Every key of every tool's config, tried with wrong values: each gets one clear line, or is valid and builds.
 
-For each leaf of the composed configs (train with every optimizer option, both callback sets and both loggers,
-DDP; eval, predict, export, shapes, visualize), six values: a wrong type, zero, a negative, an absurdly large
-number, an empty text and a one-element list. Each case ends one of three ways, and the test says which:
+For each leaf of the composed configs (train; its variants with every optimizer option, both callback sets and
+both loggers, DDP, each for the keys it adds or changes; eval, predict, export, shapes, visualize), six values: a
+wrong type, zero, a negative, an absurdly large number, an empty text and a one-element list. Each case ends one of three ways, and the test says which:
 - the typed config refuses it as Hydra does while composing (its message, one line by cnnlab.config.one_line,
   names the key); to keep the test quick each config is composed once and each value set into a copy of it;
 - cnnlab.checks.check refuses it with one line that names the key (a declared domain or a relation);
@@ -67,15 +67,29 @@ def base_overrides(name: str, tree_archive: Path, tmp_path: Path) -> list[str]:
 
 
 @functools.cache
-def keys_of(name: str) -> list[str]:
+def defaults_of(name: str) -> dict:
+    """Each key of the composed config → its default, as written (interpolations unresolved)."""
     config, overrides = CONFIGS[name]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = OmegaConf.to_container(compose(config_name=config, overrides=overrides), resolve=False)
-    return [key for key, _ in leaves(cfg) if not key.startswith(SKIPPED_PREFIXES)]
+    return {key: value for key, value in leaves(cfg) if not key.startswith(SKIPPED_PREFIXES)}
+
+
+def keys_of(name: str) -> list[str]:
+    return list(defaults_of(name))
+
+
+def tried_in(name: str) -> list[str]:
+    """The keys tried in a config: all of them, except that a variant of train (another optimizer, DDP, …) tries
+    only the keys it adds or whose default it changes; the others were tried in train itself, alike."""
+    if CONFIGS[name][0] != "train" or name == "train":
+        return keys_of(name)
+    base = defaults_of("train")
+    return [key for key, value in defaults_of(name).items() if key not in base or base[key] != value]
 
 
 def cases() -> list[tuple[str, str, str]]:
-    return [(name, key, value) for name in CONFIGS for key in keys_of(name) for value in VALUES]
+    return [(name, key, value) for name in CONFIGS for key in tried_in(name) for value in VALUES]
 
 
 ALL_CASES = cases()  # composed before any test holds Hydra's global state
