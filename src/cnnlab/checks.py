@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from cnnlab import UserError
+from cnnlab import CHANNELS, UserError
 from cnnlab.domains import _is_int, domain_of, leaves
 
 
@@ -44,8 +44,6 @@ def mean_and_std_fit_the_channels(cfg) -> str | None:
 
 def the_network_follows_the_data(cfg) -> str | None:
     """The network's input is the data's: its channels and, where both are given, its image size."""
-    from cnnlab import CHANNELS
-
     data, model = cfg.get("data"), cfg.get("model")
     if data is None or model is None:
         return None
@@ -73,15 +71,6 @@ def crops_fit_the_image(cfg) -> str | None:
     return None
 
 
-def where_set(model, key: str) -> str:
-    """The key a user sets for a value of the network's: data.image_size for the image size that follows the data."""
-    return (
-        f"data.{key}"
-        if key in ("image_size", "num_classes") and OmegaConf.is_interpolation(model, key)
-        else f"model.{key}"
-    )
-
-
 def the_network_fits(cfg) -> str | None:
     """Its shapes fit its input (the formula, layer by layer), and training it, with a batch, fits in memory."""
     from cnnlab.model import size_steps
@@ -99,7 +88,8 @@ def the_network_fits(cfg) -> str | None:
     memory = machine_memory()
     if 16 * parameters > memory:  # weights, gradients and two optimizer states, 4 bytes each
         keys = ("image_size", "in_channels", "conv1_channels", "conv2_channels", "num_classes", "padding")
-        sizes = ", ".join(f"{where_set(model, key)}={model[key]}" for key in keys)
+        followed = {k for k in ("image_size", "num_classes") if OmegaConf.is_interpolation(model, k)}  # data.<key>
+        sizes = ", ".join(f"{'data' if key in followed else 'model'}.{key}={model[key]}" for key in keys)
         return (f"model: the network would have {parameters:,} parameters ({sizes}), {16 * parameters / 2**30:,.1f} "
                 f"GiB to train, more than this machine's {memory / 2**30:,.1f} GiB: use fewer channels or a smaller "
                 f"image")  # fmt: skip
