@@ -2,7 +2,8 @@
 
 For each leaf of the composed configs (train; its variants with every optimizer option, both callback sets and
 both loggers, DDP, each for the keys it adds or changes; eval, predict, export, shapes, visualize), six values: a
-wrong type, zero, a negative, an absurdly large number, an empty text and a one-element list. Each case ends one of three ways, and the test says which:
+wrong type, zero, a negative, an absurdly large number, an empty text and a one-element list. Each case ends one
+of three ways, and the test says which:
 - the typed config refuses it as Hydra does while composing (its message, one line by cnnlab.config.one_line,
   names the key); to keep the test quick each config is composed once and each value set into a copy of it;
 - cnnlab.checks.check refuses it with one line that names the key (a declared domain or a relation);
@@ -40,6 +41,7 @@ CONFIGS = {  # a name → (config, overrides): every option of the groups whose 
     "train optimizer=sgd_onecycle": ("train", ["optimizer=sgd_onecycle"]),
     "train callbacks=ema logger=[tensorboard,csv]": ("train", ["callbacks=ema", "logger=[tensorboard,csv]"]),
     "train trainer=ddp": ("train", ["trainer=ddp"]),
+    "lr_find": ("lr_find", []),  # train's config and the finder's keys
     "eval": ("eval", []),
     "predict": ("predict", []),
     "export": ("export", []),
@@ -59,9 +61,9 @@ def hydra_conf():
 def base_overrides(name: str, tree_archive: Path, tmp_path: Path) -> list[str]:
     config = CONFIGS[name][0]
     overrides = []
-    if config in ("train", "eval", "export", "visualize"):
+    if config in ("train", "lr_find", "eval", "export", "visualize"):
         overrides += [f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}"]
-    if config in ("train", "eval"):
+    if config in ("train", "lr_find", "eval"):
         overrides += [f"output_dir={tmp_path / 'run'}"]
     return overrides
 
@@ -82,7 +84,7 @@ def keys_of(name: str) -> list[str]:
 def tried_in(name: str) -> list[str]:
     """The keys tried in a config: all of them, except that a variant of train (another optimizer, DDP, …) tries
     only the keys it adds or whose default it changes; the others were tried in train itself, alike."""
-    if CONFIGS[name][0] != "train" or name == "train":
+    if CONFIGS[name][0] not in ("train", "lr_find") or name == "train":
         return keys_of(name)
     base = defaults_of("train")
     return [key for key, value in defaults_of(name).items() if key not in base or base[key] != value]

@@ -25,6 +25,8 @@ NOISE = (  # (logger, how its message starts)
     ("lightning.pytorch.utilities.rank_zero", "Restored all states from the checkpoint"),
     ("lightning.pytorch.utilities.rank_zero", "Loaded model weights from the checkpoint"),  # the result names it
     ("lightning.fabric.utilities.seed", "Seed set to"),  # the header: seed
+    # src/lr_find.py: Lightning's finder reloads the checkpoint it has just written itself
+    ("lightning.pytorch.trainer.connectors.checkpoint_connector", "`weights_only` was not set, defaulting to"),
 )
 LIBRARY_WARNINGS = (  # (message, category, the module that raises it)
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning, r"lightning\.pytorch\.utilities\._pytree"),
