@@ -22,6 +22,7 @@ from cnnlab.pictures import top_confusions
 from cnnlab.process import keep_freed_memory, share_the_machine
 from cnnlab.quiet import quiet_libraries
 from cnnlab.stops import RunGuard
+from cnnlab.tracking import log_metadata, run_metadata
 
 log = logging.getLogger(__name__)
 if logging.getLogger().handlers:
@@ -145,6 +146,8 @@ def train(cfg: DictConfig) -> dict | None:
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     share_the_machine(cfg)  # a job among others running at once on GPUs: a GPU of its own
     datamodule, module, trainer = build(cfg, resuming=checkpoint)
+    run = run_metadata()  # the code, the command, the versions, the machine
+    log_metadata(trainer.loggers, run)
     if checkpoint is not None:
         resume.check_shapes(module, checkpoint, resume_from)
         resume.check_processes(trainer, checkpoint, resume_from)
@@ -171,6 +174,7 @@ def train(cfg: DictConfig) -> dict | None:
         "resumed_from": str(resume_from) if resume_from else None,
         "wall_s": round(time.perf_counter() - start, 1),
         "run_dir": cfg.output_dir,
+        "metadata": run,
     }
     if not trainer.is_global_zero:
         return None
