@@ -34,11 +34,11 @@ compare: $(VENV)/.installed  ## sweep OPTIMIZERS × SEEDS (+ ARGS), then report.
 	status=$$?; $(BIN)/python src/compare.py $(COMPARE_DIR) && exit $$status
 
 # The first look: the learning rate, the training loss and the validation accuracy (clear the filter for the rest).
-FIRST_LOOK := http://localhost:6006/?tagFilter=val%2Facc%24%7Ctrain%2Floss%7Clr-\#timeseries
+FIRST_LOOK := http://127.0.0.1:6006/?tagFilter=val%2Facc%24%7Ctrain%2Floss%7Clr-\#timeseries
 
 tensorboard: $(VENV)/.installed  ## TensorBoard over every run; open the URL it prints first
 	@echo "the learning rate, training loss and validation accuracy: $(FIRST_LOOK)"
-	$(BIN)/tensorboard --logdir outputs
+	$(BIN)/tensorboard --logdir outputs --host 127.0.0.1   # this machine only; --host 0.0.0.0 (or --bind_all) to share
 
 bench: $(VENV)/.installed  ## throughput (ours, bare loop, DataLoader recipe) + time to 70.51 % → docs/benchmarks.md (~25 min)
 	$(BIN)/python bench/bench.py --write docs/benchmarks.md
