@@ -10,6 +10,7 @@ run twice): each `compose` starts Hydra afresh and each run gets its own run dir
 """
 
 import copy
+import logging
 from pathlib import Path
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -49,6 +50,12 @@ def _as_the_command_line_leaves_it(cfg) -> Path:
     _save_config(cfg, "config.yaml", run_dir / ".hydra")
     _save_config(hydra.overrides.task, "overrides.yaml", run_dir / ".hydra")
     configure_log(hydra.job_logging, hydra.verbose)  # the console and <run dir>/<config>.log
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        # Lightning, imported before logging was set up (a notebook's earlier cell), printed on a handler of its
+        # own; as it does when logging is set up first, its records now go to the run's handlers (and its log).
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
     return run_dir
 
 
