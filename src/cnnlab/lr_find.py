@@ -74,7 +74,7 @@ def find_lr(cfg: DictConfig) -> dict:
     best = steepest_descent(lrs, losses, cfg.lr_find.mode)
     if best is None:
         raise UserError(f"lr_find: the loss was recorded at {steps} step(s), too few to find where it falls fastest: "
-                        f"give more lr_find.num_training (it is {cfg.lr_find.num_training}), or a lower "
+                        f"give more lr_find.num_training (it is {cfg.lr_find.num_training}), or "
                         f"lr_find.early_stop_threshold=null so that a rising loss does not end it early")  # fmt: skip
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
