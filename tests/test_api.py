@@ -6,8 +6,19 @@ import logging
 import subprocess
 import sys
 
+import pytest
+from hydra.core.hydra_config import HydraConfig
+
 from cnnlab.api import compose, predict, shape_table, train
 from tests.conftest import CLASSES, ROOT
+
+
+@pytest.fixture(autouse=True)
+def no_run_config_left_behind():
+    """compose() sets Hydra's config of the run for the process, as a run does (a notebook's next cell reads it);
+    the other tests call train() on configs composed without it, as runs of their own."""
+    yield
+    HydraConfig.instance().cfg = None
 
 
 def test_importing_the_api_imports_neither_torch_nor_lightning():

@@ -40,8 +40,9 @@ def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def results(metrics: dict) -> dict:
-    """metrics.json without what names the run or times it."""
-    return {k: v for k, v in metrics.items() if k not in ("best_checkpoint", "resumed_from", "wall_s", "run_dir")}
+    """metrics.json without what names the run, times it or says what made it (its command line)."""
+    naming = ("best_checkpoint", "resumed_from", "wall_s", "run_dir", "metadata")
+    return {k: v for k, v in metrics.items() if k not in naming}
 
 
 @pytest.fixture
