@@ -16,22 +16,19 @@ import cnnlab.config  # noqa: F401  (registers the run-dir resolvers)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="shapes")
 def main(cfg: DictConfig) -> None:
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
     from cnnlab import UserError
     from cnnlab.checks import check
-    from cnnlab.data.sources import follow_the_data
-    from cnnlab.shapes import format_table, quiz, shape_table
+    from cnnlab.shapes import configured_network, format_table, quiz, shape_table
 
     try:
-        check(cfg, builds=("model",))  # the data is read, not built: no Lightning
         if cfg.size is not None or cfg.kernel is not None:
+            check(cfg, builds=())
             if cfg.size is None or cfg.kernel is None:
                 raise UserError("size=<in> kernel=<k> [stride=1] [padding=0]: give both size and kernel")
             print(quiz(cfg.size, cfg.kernel, cfg.stride, cfg.padding))
             return
-        follow_the_data(cfg)  # data=folder: the image size and classes of the tree
-        print(format_table(shape_table(instantiate(cfg.model))))
+        print(format_table(shape_table(configured_network(cfg))))  # checked, sized for its data
     except UserError as err:
         sys.exit(f"error: {err}")
     except InstantiationException as err:  # Hydra wraps what the model raises: a shape that does not fit

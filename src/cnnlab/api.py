@@ -95,13 +95,7 @@ def shape_table(overrides: list[str] = ()) -> list[dict]:
     """The lecture's shape table of the configured network (data=mnist, model.* overrides): a dict a layer."""
     from dataclasses import asdict
 
-    from hydra.utils import instantiate
-
-    from cnnlab.checks import check
-    from cnnlab.data.sources import follow_the_data
+    from cnnlab.shapes import configured_network
     from cnnlab.shapes import shape_table as rows_of
 
-    cfg = compose(list(overrides), "shapes")
-    check(cfg, builds=("model",))
-    follow_the_data(cfg)
-    return [asdict(row) for row in rows_of(instantiate(cfg.model))]
+    return [asdict(row) for row in rows_of(configured_network(compose(list(overrides), "shapes")))]

@@ -55,7 +55,12 @@ def the_network_follows_the_data(cfg) -> str | None:
     if None not in (data.image_size, model.image_size) and data.image_size != model.image_size:
         return (f"model.image_size={model.image_size}, but data.image_size={data.image_size}: the images are resized "
                 f"to data.image_size; set that one (the network follows it)")  # fmt: skip
-    if data.get("tta") and not data.get("flip", True):
+    return None
+
+
+def mirrors_keep_the_class(cfg) -> str | None:
+    data = cfg.get("data")
+    if data is not None and data.get("tta") and not data.get("flip", True):
         return (f"data.tta=true scores each test image with its mirror image, but data.flip=false says a mirrored "
                 f"image is not of its class (data={data.name}): leave data.tta=false")  # fmt: skip
     return None
@@ -192,7 +197,7 @@ def the_devices_exist(cfg) -> str | None:
     return None
 
 
-RELATIONS = [mean_and_std_fit_the_channels, the_network_follows_the_data,
+RELATIONS = [mean_and_std_fit_the_channels, the_network_follows_the_data, mirrors_keep_the_class,
              crops_fit_the_image, the_network_fits, checkpoints_rank_by_a_metric,
              the_run_ends,
              nesterov_has_momentum, the_devices_exist, the_data_is_there, the_output_dir_can_be_written]  # fmt: skip

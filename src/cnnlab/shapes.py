@@ -18,6 +18,19 @@ class Row:
     mult_adds: int
 
 
+def configured_network(cfg) -> nn.Sequential:
+    """The network of a shapes config (conf/shapes.yaml: data + model), checked, sized for its data (data=folder:
+    the tree is read for its image size and classes): what src/shapes.py and cnnlab.api.shape_table show."""
+    from hydra.utils import instantiate
+
+    from cnnlab.checks import check
+    from cnnlab.data.sources import follow_the_data
+
+    check(cfg, builds=("model",))  # the data is read, not built: no Lightning
+    follow_the_data(cfg)
+    return instantiate(cfg.model)
+
+
 def shape_table(net: nn.Sequential) -> list[Row]:
     """One row per layer, following a C×H×W image through `net` (a SlideCNN: it knows its input shape and the
     formula steps it was built from)."""
