@@ -8,7 +8,7 @@ OPTIMIZERS ?= adam,sgd_steplr
 SEEDS      ?= 0,1,2
 COMPARE_DIR := outputs/multiruns/$(shell date +%Y-%m-%d_%H-%M-%S)_compare
 
-.PHONY: help install train sweep compare tensorboard bench bench-quick bench-gpu test test-floors lint clean
+.PHONY: help install train sweep compare tensorboard mlflow bench bench-quick bench-gpu test test-floors lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -18,10 +18,10 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,export,scale]'
+	$(BIN)/pip install --quiet -e '.[dev,export,scale,track]'
 	touch $@
 
-install: $(VENV)/.installed  ## create .venv and install cnnlab (editable) with the dev tools and the export and scale extras
+install: $(VENV)/.installed  ## create .venv and install cnnlab (editable) with the dev tools and the export, scale and track extras
 
 train: $(VENV)/.installed  ## train once: make train ARGS="optimizer=sgd_steplr trainer.max_epochs=5"
 	$(BIN)/python src/train.py $(ARGS)
@@ -39,6 +39,9 @@ FIRST_LOOK := http://127.0.0.1:6006/?tagFilter=val%2Facc%24%7Ctrain%2Floss%7Clr-
 tensorboard: $(VENV)/.installed  ## TensorBoard over every run; open the URL it prints first
 	@echo "the learning rate, training loss and validation accuracy: $(FIRST_LOOK)"
 	$(BIN)/tensorboard --logdir outputs --host 127.0.0.1   # this machine only; --host 0.0.0.0 (or --bind_all) to share
+
+mlflow: $(VENV)/.installed  ## MLflow's UI over the runs of logger=mlflow (outputs/mlflow.db), on 127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath outputs)/mlflow.db --host 127.0.0.1 --port 5000
 
 bench: $(VENV)/.installed  ## throughput (ours, bare loop, DataLoader recipe) + time to 70.51 % → docs/benchmarks.md (~25 min)
 	$(BIN)/python bench/bench.py --write docs/benchmarks.md

@@ -132,6 +132,19 @@ IN_PROCESS = {
     "`ckpt_path=last` with no run to resume": lambda t: ["ckpt_path=last", f"outputs_root={t.tmp_path / 'no-runs'}"],
     "an output folder that cannot be written": lambda t: [f"output_dir={write(t.tmp_path / 'a-file', b'') / 'run'}"],
     "a learning rate that makes the loss diverge": lambda t: ["optimizer=sgd_steplr", "optimizer.lr=1e12"],
+    "an MLflow store that is not a URL (`logger=mlflow logger.mlflow.tracking_uri=mlruns`)": lambda t: [
+        "logger=mlflow",
+        "logger.mlflow.tracking_uri=mlruns",
+    ],
+    "an MLflow server that does not answer (`logger=mlflow logger.mlflow.tracking_uri=http://127.0.0.1:9`)": lambda t: [
+        "logger=mlflow",
+        "logger.mlflow.tracking_uri=http://127.0.0.1:9",
+    ],
+    "W&B online without a login (`logger=wandb logger.wandb.offline=false`)": lambda t: (
+        t.monkeypatch.delenv("WANDB_API_KEY", raising=False)
+        or t.monkeypatch.setenv("HOME", str(t.tmp_path))
+        or ["logger=wandb", "logger.wandb.offline=false"]
+    ),
     "a one-cycle schedule over too few steps (`optimizer=sgd_onecycle trainer.max_steps=5`)": lambda t: [
         "optimizer=sgd_onecycle",
         "trainer.max_steps=5",

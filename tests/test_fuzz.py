@@ -1,7 +1,7 @@
 """Every key of every tool's config, tried with wrong values: each gets one clear line, or is valid and builds.
 
 For each leaf of the composed configs (train; its variants with every optimizer option, both callback sets and
-both loggers, DDP, each for the keys it adds or changes; eval, predict, export, shapes, visualize), six values: a
+every logger, DDP, each for the keys it adds or changes; eval, predict, export, shapes, visualize), six values: a
 wrong type, zero, a negative, an absurdly large number, an empty text and a one-element list. Each case ends one
 of three ways, and the test says which:
 - the typed config refuses it as Hydra does while composing (its message, one line by cnnlab.config.one_line,
@@ -41,6 +41,7 @@ CONFIGS = {  # a name → (config, overrides): every option of the groups whose 
     "train optimizer=sgd_onecycle": ("train", ["optimizer=sgd_onecycle"]),
     "train callbacks=ema logger=[tensorboard,csv]": ("train", ["callbacks=ema", "logger=[tensorboard,csv]"]),
     "train trainer=ddp": ("train", ["trainer=ddp"]),
+    "train logger=[mlflow,wandb]": ("train", ["logger=[mlflow,wandb]"]),
     "lr_find": ("lr_find", []),  # train's config and the finder's keys
     "eval": ("eval", []),
     "predict": ("predict", []),

@@ -84,6 +84,12 @@ def text() -> Domain:
     )
 
 
+def url(*schemes: str) -> Domain:
+    """A URL of one of `schemes` (sqlite:///…, http://…); a scheme with a driver counts as its own (mysql+pymysql)."""
+    return Domain(f"a URL starting {', '.join(f'{s}:' for s in schemes)}", lambda v: isinstance(v, str)
+                  and ":" in v and v.split(":", 1)[0].split("+")[0] in schemes)  # fmt: skip
+
+
 def null() -> Domain:
     return Domain("null", lambda v: v is None)
 
@@ -117,7 +123,7 @@ KEY = re.compile(r"^( *)([A-Za-z_]\w*):")  # a key of a YAML mapping, with its i
 DECLARED = " # ∈ "
 CONSTRUCTORS = {"integer": integer, "number": number, "boolean": boolean, "one_of": one_of, "text": text,
                 "null": null, "numbers": numbers, "signal_names": signal_names, "device_numbers": device_numbers,
-                "METRICS": METRICS}  # fmt: skip
+                "url": url, "METRICS": METRICS}  # fmt: skip
 
 
 def package(path: Path, conf: Path) -> str | None:

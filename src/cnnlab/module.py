@@ -5,13 +5,13 @@ from collections.abc import Callable
 
 import torch
 from lightning import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cnnlab import UserError
 from cnnlab.pictures import confusion_figure
+from cnnlab.tracking import PICTURE_LOGGERS, log_picture, tracker_runs
 
 
 def per_step(scheduler: Callable) -> bool:
@@ -118,12 +118,10 @@ class LitClassifier(LightningModule):
         if len(names) != len(per_class):  # a data set with fewer classes than the model's outputs
             names = [str(i) for i in range(len(per_class))]
         self.test_per_class = {name: float(accuracy) for name, accuracy in zip(names, per_class, strict=True)}
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                figure = confusion_figure(confusion.cpu(), names)
-                logger.experiment.add_figure("test/confusion_matrix", figure, self.global_step)
-                logger.experiment.add_figure("test/acc_per_class", per_class_chart(self.test_per_class),
-                                             self.global_step)  # fmt: skip
+        if any(isinstance(logger, PICTURE_LOGGERS) for logger in self.loggers):
+            step = self.global_step
+            log_picture(self.loggers, "test/confusion_matrix", confusion_figure(confusion.cpu(), names), step)
+            log_picture(self.loggers, "test/acc_per_class", per_class_chart(self.test_per_class), step)
         self.test_confusion.reset()
 
     def on_train_epoch_start(self) -> None:
@@ -140,6 +138,7 @@ class LitClassifier(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["train_sums"] = {"sums": self.train_sums.cpu(), "images": self.train_images}
+        checkpoint["trackers"] = tracker_runs(self.loggers)  # a resumed run continues its MLflow / W&B run
         datamodule = self.trainer.datamodule
         if self.hparams.model_config is not None and datamodule is not None:
             # What it takes to rebuild the network and feed it, as plain data: eval, predict and export need no

@@ -149,6 +149,20 @@ class OutputDirCheck(Callback):
                      f"choose another folder with {key}=... or outputs_root=...")  # fmt: skip
 
 
+def sweep_experiment(base: str) -> str:
+    """Where a tracker files a run (an MLflow experiment, a W&B group): `base` for a single run, and for the jobs of
+    a sweep `base/<sweep dir's name>`, so that a sweep's jobs land together."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{base}/{Path(HydraConfig.get().sweep.dir).name}"
+    return base
+
+
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("sweep_experiment", sweep_experiment, replace=True)
+OmegaConf.register_new_resolver("name_of", lambda path: Path(str(path)).name, replace=True)
+OmegaConf.register_new_resolver("absolute", lambda path: str(Path(str(path)).expanduser().resolve()), replace=True)
 OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("run_dir", run_dir, use_cache=True, replace=True)

@@ -22,7 +22,7 @@ from cnnlab.pictures import top_confusions
 from cnnlab.process import keep_freed_memory, share_the_machine
 from cnnlab.quiet import quiet_libraries
 from cnnlab.stops import RunGuard
-from cnnlab.tracking import log_metadata, run_metadata
+from cnnlab.tracking import log_metadata, publish_results, resume_arguments, run_metadata
 
 log = logging.getLogger(__name__)
 if logging.getLogger().handlers:
@@ -92,7 +92,9 @@ def make_logger(node: DictConfig, resuming: dict | None):
     if resuming is not None and node._target_.endswith("TensorBoardLogger"):
         # TensorBoard hides what an earlier start logged from this step on: one curve, no step shown twice.
         return make(node, purge_step=resuming["global_step"])
-    return make(node)
+    from hydra.utils import get_class
+
+    return make(node, **resume_arguments(get_class(node._target_), resuming))  # MLflow, W&B: the same tracker run
 
 
 def hyperparameters(cfg: DictConfig) -> dict:
@@ -183,7 +185,9 @@ def train(cfg: DictConfig) -> dict | None:
             results = {key: metrics[key] for key in ("test/acc", "val/acc_best") if metrics[key] is not None}
             logger.log_hyperparams(hyperparameters(cfg), metrics=results)
     log.info(result_lines(metrics))
-    return write_metrics(metrics, cfg.output_dir)
+    write_metrics(metrics, cfg.output_dir)
+    publish_results(trainer.loggers, metrics, Path(cfg.output_dir), OmegaConf.to_yaml(cfg))  # MLflow, W&B: + files
+    return metrics
 
 
 def best_val_acc(module: LitClassifier) -> float | None:
