@@ -38,7 +38,9 @@ def main(cfg: DictConfig) -> float | None:
         return None
     best = "none" if metrics["val/acc_best"] is None else f"{metrics['val/acc_best']:.4f}"
     print(f"test/acc={metrics['test/acc']:.4f} val/acc_best={best} run_dir={cfg.output_dir}")
-    return metrics["val/acc_best"]  # what a sweeper optimises
+    from cnnlab.search import searched_metric
+
+    return metrics.get(searched_metric())  # what a sweeper optimises: hydra.sweeper.metric, else val/acc_best
 
 
 if __name__ == "__main__":

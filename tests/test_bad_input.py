@@ -199,6 +199,17 @@ COMMAND_LINE = {
         "seed=1,2",
     ],
     "a run folder that cannot be written (`hydra.run.dir=...`)": ["hydra.run.dir={tmp}/a-file/run"],
+    "a search's pruner cnnlab does not have (`hydra.sweeper.pruner=fast`)": [
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.pruner=fast",
+    ],
+    "a pruned search of a metric known only at the end (`hydra.sweeper.metric=test/acc`)": [
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.pruner=median",
+        "hydra.sweeper.metric=test/acc",
+    ],
 }
 
 

@@ -205,7 +205,7 @@ def test_an_optuna_search_records_a_failing_trial_and_continues_where_it_stopped
     assert best["trial"] == study.best_trial.number and best["value"] == pytest.approx(study.best_value)
     metrics = json.loads((next(sweep.glob(f"{best['trial']}_*")) / "metrics.json").read_text())
     assert metrics["val/acc_best"] == pytest.approx(best["value"])  # it maximised val/acc_best, not test/acc
-    assert f"best trial {best['trial']}: val/acc_best=" in again.stdout
+    assert f"best trial {best['trial']} of 3 (2 complete, 1 fail): val/acc_best=" in again.stdout
 
 
 def test_the_slurm_preset_asks_for_one_task_per_ddp_process(tmp_path, monkeypatch):

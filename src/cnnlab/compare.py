@@ -36,7 +36,8 @@ class Job:
     overrides: dict[str, str]
     metrics: dict | None  # None: the job did not finish
     curves: dict[str, list[float]] = field(default_factory=dict)
-    outcome: str = ""  # for a job that did not finish: its error line, "unfinished" or "never ran"
+    outcome: str = ""  # for a job that did not finish: its error line, "unfinished", "never ran", "pruned at …"
+    pruned: bool = False  # a search's trial that its pruner stopped early: not compared with the finished ones
 
 
 def read_jobs(sweep: Path) -> list[Job]:
@@ -51,7 +52,7 @@ def read_jobs(sweep: Path) -> list[Job]:
         overrides = overrides_of(yaml.safe_load((job.folder / ".hydra" / "overrides.yaml").read_text()) or [])
         metrics = json.loads((job.folder / "metrics.json").read_text()) if job.state == "finished" else None
         curves = read_curves(job.folder) if metrics else {}
-        jobs.append(Job(job.folder.name, overrides, metrics, curves, job.error or job.state))
+        jobs.append(Job(job.folder.name, overrides, metrics, curves, job.error or job.state, job.state == "pruned"))
     if not jobs:
         raise UserError(f"{sweep}: no job folders (<n>_<overrides>/.hydra/overrides.yaml) in this multirun")
     return jobs
@@ -84,7 +85,8 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
     """The report's markdown and the finished jobs grouped by the keys."""
     jobs = read_jobs(sweep)
     finished = [job for job in jobs if job.metrics is not None]
-    failed = [job for job in jobs if job.metrics is None]
+    failed = [job for job in jobs if job.metrics is None and not job.pruned]
+    pruned = [job for job in jobs if job.pruned]
     if not finished:
         raise UserError(f"{sweep}: none of its {len(jobs)} jobs finished (no metrics.json): nothing to report")
     missing = {job.name: [k for k in REPORTED if job.metrics.get(k) is None] for job in finished}
@@ -103,7 +105,7 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
         f"# {sweep.name}",
         "",
         f"Grouped by {', '.join(keys) or 'nothing (one group)'}; {len(finished)} finished jobs, "
-        f"{len(failed)} did not finish.",
+        f"{len(failed)} did not finish{f', {len(pruned)} were pruned' if pruned else ''}.",
         "Accuracies in %, mean ± std over the runs of a group (std needs two runs); wall time per run.",
         "",
         "| group | runs | test acc | min – max | best val acc | epochs | wall s | slides |",
@@ -126,6 +128,9 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
     if failed:
         lines += ["", "Jobs that did not finish (no metrics.json):", ""]
         lines += [f"- {job.name}: {job.outcome}" for job in failed]
+    if pruned:
+        lines += ["", "Trials the search's pruner stopped early (not in the groups above):", ""]
+        lines += [f"- {job.name}: {job.outcome}" for job in pruned]
     return "\n".join(lines) + "\n", groups
 
 

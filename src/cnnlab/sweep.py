@@ -3,13 +3,14 @@
 A job whose run ends in a user error writes the error line into `<job dir>/error.txt` (`job_failed`) and returns,
 so Hydra goes on to the next job; at the end `SweepSummary` (a Hydra callback, conf/hydra/default.yaml) prints
 one line, and the sweep exits 1 if any job failed. `jobs(sweep dir)` lists every job the sweep was to run, from
-the sweep's own record (multirun.yaml, expanded by Hydra's own parser), as finished, failed, unfinished or never
-run: compare.py reports from it.
+the sweep's own record (multirun.yaml, expanded by Hydra's own parser), as finished, pruned (a search's trial
+stopped early), failed, unfinished or never run: compare.py reports from it.
 
 Imports nothing heavy: Hydra loads the callback at every start.
 """
 
 import contextlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ class Job:
     number: int
     overrides: list[str]
     folder: Path | None  # None: the job never started
-    state: str  # finished | failed | unfinished | never ran
+    state: str  # finished | pruned | failed | unfinished | never ran
     error: str = ""
 
 
@@ -85,6 +86,9 @@ def job_state(number: int, overrides: list[str], folder: Path | None) -> Job:
     if folder is None:
         return Job(number, overrides, None, "never ran")
     if (folder / "metrics.json").is_file():
+        pruned = json.loads((folder / "metrics.json").read_text()).get("pruned_at_epoch")
+        if pruned:  # a search's trial its pruner stopped
+            return Job(number, overrides, folder, "pruned", f"pruned at epoch {pruned}")
         return Job(number, overrides, folder, "finished")
     if (folder / ERROR_FILE).is_file():
         return Job(number, overrides, folder, "failed", (folder / ERROR_FILE).read_text().strip())
@@ -97,10 +101,12 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
         all_jobs = jobs(sweep)
-        bad = [job for job in all_jobs if job.state != "finished"]
+        bad = [job for job in all_jobs if job.state not in ("finished", "pruned")]
         finished = len(all_jobs) - len(bad)
+        pruned = sum(job.state == "pruned" for job in all_jobs)
         if not bad:
-            print(f"sweep: {len(all_jobs)} of {len(all_jobs)} jobs finished; {sweep}")
+            print(f"sweep: {len(all_jobs)} of {len(all_jobs)} jobs finished{f' ({pruned} pruned)' if pruned else ''}; "
+                  f"{sweep}")  # fmt: skip
             return
         details = "; ".join(f"{job.folder.name if job.folder else job.number}: {job.error or job.state}" for job in bad)
         print(f"sweep: {finished} of {len(all_jobs)} jobs finished, {len(bad)} did not ({details}); {sweep}",

@@ -21,6 +21,7 @@ from cnnlab.module import LitClassifier
 from cnnlab.pictures import top_confusions
 from cnnlab.process import keep_freed_memory, share_the_machine
 from cnnlab.quiet import quiet_libraries
+from cnnlab.search import ReportToTrial, trial_report
 from cnnlab.stops import RunGuard
 from cnnlab.tracking import log_metadata, publish_results, resume_arguments, run_metadata
 
@@ -58,6 +59,9 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
     # The run guard stops a run after every other callback has taken the step in (an EMA of the weights, say);
     # Lightning then puts its ModelCheckpoints after it.
     callbacks.sort(key=lambda callback: isinstance(callback, RunGuard))
+    report = trial_report()  # a trial of a search that prunes: each validation to its trial
+    if report is not None:
+        callbacks.append(report)
     trainer = instantiate(
         cfg.trainer,
         logger=loggers or False,
@@ -175,6 +179,7 @@ def train(cfg: DictConfig) -> dict | None:
         "best_checkpoint": best or None,
         "resumed_from": str(resume_from) if resume_from else None,
         "wall_s": round(time.perf_counter() - start, 1),
+        **pruned(trainer),  # a search's trial stopped early by its pruner: pruned_at_epoch
         "run_dir": cfg.output_dir,
         "metadata": run,
     }
@@ -188,6 +193,11 @@ def train(cfg: DictConfig) -> dict | None:
     write_metrics(metrics, cfg.output_dir)
     publish_results(trainer.loggers, metrics, Path(cfg.output_dir), OmegaConf.to_yaml(cfg))  # MLflow, W&B: + files
     return metrics
+
+
+def pruned(trainer: L.Trainer) -> dict:
+    report = next((c for c in trainer.callbacks if isinstance(c, ReportToTrial)), None)
+    return {"pruned_at_epoch": report.pruned_at_epoch} if report and report.pruned_at_epoch else {}
 
 
 def best_val_acc(module: LitClassifier) -> float | None:

@@ -1,17 +1,27 @@
 """A Hydra sweeper that drives a current Optuna: python src/train.py -m hparams_search=optuna
 
 hydra-optuna-sweeper 1.2, the newest on the registry, pins optuna < 3 (and its SQLite storage SQLAlchemy < 2);
-this sweeper asks a current Optuna for each trial's values and runs the trial as a job through Hydra's own
-launcher, so a trial is an ordinary job folder, and the search space is written in Hydra's sweep grammar
-(`choice(...)`, `interval(a, b)`, `tag(log, interval(a, b))`). The study lives in SQLite under the sweep dir
-(or any Optuna storage URL, for searches on many machines): run the same command with the same
-hydra.sweep.dir and the search continues where it stopped. A trial whose job fails (a user error, a diverging
-loss) is recorded as failed and the search goes on. The best trial's overrides are printed and written to
-<sweep dir>/best_overrides.yaml. Lives in hydra_plugins/ because Hydra takes sweepers only from there.
+this sweeper asks a current Optuna for trials and runs each as a job through Hydra's own launcher, so a trial is
+an ordinary job folder (<number>_<overrides>), and the search space is written in Hydra's sweep grammar
+(`choice(...)`, `interval(a, b)`, `tag(log, interval(a, b))`).
+- It optimises `metric` (what the job returns: cnnlab.search.searched_metric) in `direction`.
+- `n_jobs` trials are asked at once and launched as one batch: hydra/launcher=parallel runs them side by side.
+- `pruner=median|hyperband`: each job reports its validations to its trial through the study's storage
+  (cnnlab.search.ReportToTrial) and stops when it falls behind; the trial is recorded PRUNED.
+- The study lives in SQLite under the sweep dir, in a journal file there (`storage=journal`: several sweepers
+  on a shared file system) or in any Optuna storage URL. Sweepers sharing a study together run exactly n_trials
+  trials. Run the same command with the same hydra.sweep.dir and the search continues where it stopped.
+A trial whose job fails (a user error, a diverging loss) is recorded as failed and the search goes on. The best
+trial's overrides are printed and written to <sweep dir>/best_overrides.yaml. Lives in hydra_plugins/ because
+Hydra takes sweepers only from there.
 """
 
 import logging
 import math
+import os
+import socket
+import sys
+from collections import Counter
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -25,53 +35,116 @@ log = logging.getLogger(__name__)
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, n_trials: int, direction: str, metric: str, storage: str | None, study_name: str, seed: int,
-                 params: dict):  # fmt: skip
-        self.n_trials, self.direction, self.metric, self.storage = n_trials, direction, metric, storage
-        self.study_name, self.seed, self.params = study_name, seed, dict(params or {})
+    def __init__(self, n_trials: int, n_jobs: int, direction: str, metric: str, pruner: str, startup_trials: int,
+                 warmup_epochs: int, storage: str | None, study_name: str, seed: int, params: dict,
+                 trial: int | None = None):  # fmt: skip
+        self.n_trials, self.n_jobs, self.direction, self.metric = n_trials, n_jobs, direction, metric
+        self.pruner, self.startup_trials, self.warmup_epochs = pruner, startup_trials, warmup_epochs
+        self.storage, self.study_name, self.seed, self.params = storage, study_name, seed, dict(params or {})
 
     def setup(self, *, hydra_context, task_function, config) -> None:
         import importlib.util
-        import sys
 
         if importlib.util.find_spec("optuna") is None:
             sys.exit("error: hparams_search=optuna needs optuna: it comes with cnnlab's scale extra, "
                      "pip install -e '.[scale]' (make install does it)")  # fmt: skip
+        self.check(config)
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
+    def check(self, config) -> None:
+        """Each setting of the search: one line and exit 1 for a wrong one, before any trial runs."""
+        from cnnlab.search import METRICS, PER_VALIDATION, PRUNERS
+
+        whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
+        problems = {
+            "n_trials": None if whole(self.n_trials, 1) else "an integer ≥ 1",
+            "n_jobs": None if whole(self.n_jobs, 1) else "an integer ≥ 1: the trials asked and launched at once",
+            "direction": None if self.direction in ("maximize", "minimize") else "one of maximize, minimize",
+            "metric": None if self.metric in METRICS else f"one of {', '.join(METRICS)} (a number of metrics.json)",
+            "pruner": None if self.pruner in PRUNERS else f"one of {', '.join(PRUNERS)}",
+            "startup_trials": None if whole(self.startup_trials, 0) else "an integer ≥ 0",
+            "warmup_epochs": None if whole(self.warmup_epochs, 0) else "an integer ≥ 0",
+            "storage": None if self.storage is None or (isinstance(self.storage, str) and (
+                self.storage == "journal" or "://" in self.storage)) else
+                "null (SQLite under the sweep dir), journal (a journal file under it) or a database URL",
+        }  # fmt: skip
+        for key, must in problems.items():
+            if must:
+                sys.exit(f"error: hydra.sweeper.{key}={getattr(self, key)!r} must be {must}")
+        if self.pruner != "none" and self.metric not in PER_VALIDATION:
+            sys.exit(f"error: hydra.sweeper.pruner={self.pruner} follows the metric at each validation, and "
+                     f"{self.metric} is known only at the end: use hydra.sweeper.metric=val/acc_best, or "
+                     f"hydra.sweeper.pruner=none")  # fmt: skip
+        every = OmegaConf.select(config, "trainer.check_val_every_n_epoch", default=1)
+        if self.pruner != "none" and every not in (None, 1):
+            log.warning(f"hydra.sweeper.pruner={self.pruner} compares trials at their validations, and this config "
+                        f"validates every {every} epochs (trainer.check_val_every_n_epoch={every}): a trial can "
+                        f"be pruned only then")  # fmt: skip
+
     def sweep(self, arguments: list[str]) -> None:
         import optuna
-        from optuna.trial import TrialState
+
+        from cnnlab.search import pruner_of, storage_of
 
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         space = {o.get_key_element(): o for o in OverridesParser.create().parse_overrides(
             [f"{key}={value}" for key, value in self.params.items()])}  # fmt: skip
-        storage = self.storage or f"sqlite:///{(sweep_dir / 'optuna.db').resolve()}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=self.seed)
         study = optuna.create_study(
-            study_name=self.study_name, storage=storage, direction=self.direction, sampler=sampler, load_if_exists=True
+            study_name=self.study_name,
+            storage=storage_of(self.storage, sweep_dir),
+            direction=self.direction,
+            sampler=optuna.samplers.TPESampler(seed=self.seed),
+            pruner=pruner_of(self.pruner, self.startup_trials, self.warmup_epochs),
+            load_if_exists=True,
         )
-        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # an interrupted search
-            study.tell(stale.number, state=TrialState.FAIL)
-        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)))
+        fail_abandoned(study)
+        done = len(counted(study, finished=True))
         if done:
-            log.info(f"continuing the study in {storage}: {done} of {self.n_trials} trials done")
-        for _ in range(done, self.n_trials):
+            log.info(f"continuing the study {self.study_name}: {done} of {self.n_trials} trials done")
+        while batch := self.ask(study):
+            jobs = [[*arguments, f"hydra.sweeper.trial={trial.number}",
+                     *(f"{key}={suggest(trial, key, o)}" for key, o in space.items())] for trial in batch]  # fmt: skip
+            results = self.launcher.launch(jobs, initial_job_idx=batch[0].number)  # side by side with a parallel one
+            for trial, result in zip(batch, results, strict=True):
+                self.tell(study, trial, result)
+        wait_for_the_others(study)
+        self.report_best(study, space, sweep_dir)
+
+    def ask(self, study) -> list:
+        """Up to n_jobs new trials, while the study (shared with other sweepers, perhaps) has fewer than n_trials.
+        Trial numbers are given in order by the storage: a trial whose number comes after the first n_trials
+        counted ones (another sweeper asked at the same moment) is surplus, ends at once and is not run."""
+        batch = []
+        while len(batch) < self.n_jobs and len(counted(study)) < self.n_trials:
             trial = study.ask()
-            overrides = [*arguments, *(f"{key}={suggest(trial, key, o)}" for key, o in space.items())]
-            (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
-            value = result.return_value if result.status == JobStatus.COMPLETED else None
-            if isinstance(value, int | float) and math.isfinite(value):
-                study.tell(trial, value)
-            else:
-                study.tell(trial, state=TrialState.FAIL)  # the job's error.txt says why
-        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            trial.set_user_attr("worker", WORKER)
+            if len([t for t in counted(study) if t.number < trial.number]) >= self.n_trials:
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=optuna_state("FAIL"))
+                break
+            batch.append(trial)
+        return batch
+
+    def tell(self, study, trial, result) -> None:
+        """The job's value to the study; a job that failed (its error.txt says why) is a failed trial, one its
+        pruner stopped (ReportToTrial) a pruned one."""
+        trial.set_user_attr("run_dir", str(Path(result.hydra_cfg.hydra.runtime.output_dir)))
+        value = result.return_value if result.status == JobStatus.COMPLETED else None
+        if study._storage.get_trial(trial._trial_id).user_attrs.get("pruned_at_epoch"):
+            study.tell(trial, state=optuna_state("PRUNED"))
+        elif isinstance(value, int | float) and math.isfinite(value):
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=optuna_state("FAIL"))
+
+    def report_best(self, study, space: dict, sweep_dir: Path) -> None:
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
         if not finished:
             log.warning("no trial finished: no best trial")
             return
@@ -80,8 +153,69 @@ class OptunaSweeper(Sweeper):
         (sweep_dir / "best_overrides.yaml").write_text(
             OmegaConf.to_yaml({"trial": best.number, "value": best.value, "overrides": lines})
         )
-        print(f"best trial {best.number}: {self.metric}={best.value:.4f} with "
-              f"{' '.join(lines)}  ({sweep_dir / 'best_overrides.yaml'})")  # fmt: skip
+        states = Counter(t.state.name.lower() for t in counted(study))
+        print(
+            f"best trial {best.number} of {sum(states.values())} ({', '.join(f'{n} {s}' for s, n in states.items())})"
+            f": {self.metric}={best.value:.4f} with {' '.join(lines)}  ({sweep_dir / 'best_overrides.yaml'})"
+        )
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # this sweeper process, as its trials name it
+
+
+def counted(study, finished: bool = False) -> list:
+    """The study's trials that count towards n_trials: all but the surplus ones (and, with finished, those still
+    running)."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
+    return [t for t in trials if t.state.is_finished()] if finished else trials
+
+
+def fail_abandoned(study) -> None:
+    """Trials left running by a sweeper of this machine that no longer runs (an interrupted search): failed, so that
+    the search goes on with new ones. Trials of sweepers that still run, here or on other machines, are theirs."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False):
+        worker = trial.user_attrs.get("worker", f"{host}:0")
+        name, _, pid = worker.rpartition(":")
+        if trial.state.name == "RUNNING" and name == host and not alive(int(pid or 0)):
+            study.tell(trial.number, state=optuna_state("FAIL"), skip_if_finished=True)
+
+
+def wait_for_the_others(study) -> None:
+    """The search ends when its study does: trials that other sweepers still run (sharing the study) are waited for,
+    so that each sweeper's summary covers every trial. A trial of a sweeper of this machine that died is not."""
+    import time
+
+    host, said = socket.gethostname(), False
+    while True:
+        running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
+        running = [t for t in running if not ((w := t.user_attrs.get("worker", "")).startswith(f"{host}:")
+                                              and not alive(int(w.rpartition(":")[2] or 0)))]  # fmt: skip
+        if not running:
+            return
+        if not said:
+            workers = sorted({t.user_attrs.get("worker", "?") for t in running})
+            log.info(f"waiting for {len(running)} trial(s) that other sweepers run ({', '.join(workers)})")
+            said = True
+        time.sleep(1)
+
+
+def alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def optuna_state(name: str):
+    from optuna.trial import TrialState
+
+    return TrialState[name]
 
 
 def suggest(trial, key: str, override):

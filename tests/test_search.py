@@ -1,0 +1,77 @@
+"""Optuna searches that prune, run trials side by side, and share one study between sweeper processes, through
+real `src/train.py -m hparams_search=optuna` processes on the tiny data."""
+
+import json
+import re
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, with_root_on_path
+
+optuna = pytest.importorskip("optuna")
+
+
+def search_command(tree_archive, tmp_path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "src" / "train.py"), "-m", "hparams_search=optuna", "trainer=cpu",
+            "data.val_size=20", "data.batch_size=16", f"data.root={tree_archive}",
+            f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'search'}", *extra]  # fmt: skip
+
+
+def log_span(job: Path) -> tuple[datetime, datetime]:
+    """The first and last time stamps of a job's log (Hydra's file format: [YYYY-MM-DD HH:MM:SS,mmm]...)."""
+    stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", (job / "train.log").read_text(), re.M)
+    return datetime.strptime(stamps[0], "%Y-%m-%d %H:%M:%S,%f"), datetime.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_a_pruned_search_runs_two_trials_at_once_and_still_reports_the_best(tree_archive, tmp_path):
+    done = subprocess.run(
+        search_command(tree_archive, tmp_path, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+                       "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "hydra.sweeper.pruner=median",
+                       "hydra.sweeper.startup_trials=1", "hydra.sweeper.warmup_epochs=0", "trainer.max_epochs=3"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=400, env=with_root_on_path(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = tmp_path / "search"
+    study = optuna.load_study(study_name="cnnlab", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    states = [trial.state.name for trial in study.trials]
+    assert len(states) == 4 and "PRUNED" in states and "COMPLETE" in states, states
+    for trial in study.trials:
+        (folder,) = sweep.glob(f"{trial.number}_*")  # each trial's folder carries its number
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert trial.user_attrs["run_dir"] == str(folder)
+        if trial.state.name == "PRUNED":  # its folder says so, and it stopped before its last epoch
+            assert metrics["pruned_at_epoch"] == trial.user_attrs["pruned_at_epoch"] == metrics["epochs"]
+        else:
+            assert "pruned_at_epoch" not in metrics and metrics["epochs"] == 3
+            assert trial.value == pytest.approx(metrics["val/acc_best"])
+    best = study.best_trial
+    assert best.state.name == "COMPLETE" and f"best trial {best.number} of 4 (" in done.stdout
+    first, second = (log_span(next(sweep.glob(f"{n}_*"))) for n in (0, 1))  # the first batch: side by side
+    assert first[0] < second[1] and second[0] < first[1], (first, second)
+    report = subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), str(sweep)], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "pruner stopped early" in (sweep / "report.md").read_text()
+    assert re.search(r"pruned at epoch \d", (sweep / "report.md").read_text())
+
+
+def test_two_sweepers_sharing_a_journal_study_run_exactly_n_trials(tree_archive, tmp_path):
+    command = search_command(tree_archive, tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweeper.storage=journal",
+                             "trainer.max_epochs=1")  # fmt: skip
+    sweepers = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=with_root_on_path()) for _ in range(2)]  # fmt: skip
+    outputs = [sweeper.communicate(timeout=400) for sweeper in sweepers]
+    assert [sweeper.returncode for sweeper in sweepers] == [0, 0], [err[-2000:] for _, err in outputs]
+    sweep = tmp_path / "search"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep / "optuna.journal")))
+    trials = optuna.load_study(study_name="cnnlab", storage=storage).trials
+    counted = [trial for trial in trials if not trial.user_attrs.get("surplus")]
+    assert sorted(trial.number for trial in counted) == [0, 1, 2]  # the first three; any later one is surplus
+    assert [trial.state.name for trial in counted] == ["COMPLETE"] * 3  # none lost
+    ran = sorted(int(folder.name.split("_", 1)[0]) for folder in sweep.iterdir() if folder.is_dir())
+    assert ran == sorted(trial.number for trial in counted)  # each ran once, surplus ones never
+    assert all((next(sweep.glob(f"{n}_*")) / "metrics.json").is_file() for n in ran)
