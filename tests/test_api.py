@@ -36,7 +36,15 @@ def test_compose_takes_the_command_lines_overrides_and_claims_a_run_dir(tmp_path
 
 
 def test_train_twice_in_one_process_then_predict(tree_archive, tmp_path, monkeypatch):
-    # As `import lightning` leaves its logger where logging was not set up yet (a notebook's first cell)
+    # As `import lightning` leaves its loggers where logging was not set up yet (a notebook's first cell): a
+    # handler of its own on `lightning` (which would print each record a second time, unfiltered) and on
+    # `lightning.pytorch`, which does not propagate
+    import cnnlab.train  # noqa: F401  (imported already, as after a notebook's first run: its own tidy-up done)
+
+    own = logging.Handler()
+    own.emit = lambda record: printed_twice.append(record.getMessage())
+    printed_twice = []
+    monkeypatch.setattr(logging.getLogger("lightning"), "handlers", [own])
     lightning = logging.getLogger("lightning.pytorch")
     monkeypatch.setattr(lightning, "handlers", [logging.StreamHandler()])
     monkeypatch.setattr(lightning, "propagate", False)
@@ -50,6 +58,7 @@ def test_train_twice_in_one_process_then_predict(tree_archive, tmp_path, monkeyp
         assert json.loads((run / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
         assert (run / ".hydra" / "config.yaml").is_file()
         assert "`Trainer.fit` stopped" in (run / "train.log").read_text()  # Lightning's records reach the run's log
+    assert printed_twice == []  # and only the run's handlers print them
 
     found = predict(second["run_dir"], str(ROOT / "docs" / "inside-filters.png"), top_k=3)  # a run dir: its best
     (only,) = found

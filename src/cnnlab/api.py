@@ -50,7 +50,7 @@ def _as_the_command_line_leaves_it(cfg) -> Path:
     _save_config(cfg, "config.yaml", run_dir / ".hydra")
     _save_config(hydra.overrides.task, "overrides.yaml", run_dir / ".hydra")
     configure_log(hydra.job_logging, hydra.verbose)  # the console and <run dir>/<config>.log
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         # Lightning, imported before logging was set up (a notebook's earlier cell), printed on a handler of its
         # own; as it does when logging is set up first, its records now go to the run's handlers (and its log).
         logger = logging.getLogger(name)
