@@ -8,7 +8,7 @@ OPTIMIZERS ?= adam,sgd_steplr
 SEEDS      ?= 0,1,2
 COMPARE_DIR := outputs/multiruns/$(shell date +%Y-%m-%d_%H-%M-%S)_compare
 
-.PHONY: help install train sweep compare tensorboard mlflow bench bench-quick bench-gpu test test-floors lint clean
+.PHONY: help install train sweep compare tensorboard mlflow optuna-dashboard notebook notebook-run bench bench-quick bench-gpu test test-floors lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,17 @@ tensorboard: $(VENV)/.installed  ## TensorBoard over every run; open the URL it 
 mlflow: $(VENV)/.installed  ## MLflow's UI over the runs of logger=mlflow (outputs/mlflow.db), on 127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath outputs)/mlflow.db --host 127.0.0.1 --port 5000
 
+optuna-dashboard: $(VENV)/.installed  ## optuna-dashboard over a search's study: make optuna-dashboard STUDY=outputs/multiruns/<sweep>/optuna.db
+	@test -n "$(STUDY)" || { echo "error: name the study: make optuna-dashboard STUDY=<sweep dir>/optuna.db (or optuna.journal)"; exit 1; }
+	$(BIN)/optuna-dashboard $(if $(filter %.db,$(STUDY)),sqlite:///$(abspath $(STUDY)),$(STUDY)) --host 127.0.0.1 --port 8080
+
+notebook: $(VENV)/.installed  ## the lecture as a notebook in JupyterLab (notebooks/cnn_modules.ipynb; adds the notebook extra)
+	$(BIN)/pip install --quiet -e '.[notebook]'
+	$(BIN)/jupyter lab notebooks/cnn_modules.ipynb
+
+notebook-run: $(VENV)/.installed  ## run the notebook for real and save its outputs (CIFAR-10, ~6 min on 2 CPU cores)
+	$(BIN)/python notebooks/run.py
+
 bench: $(VENV)/.installed  ## throughput (ours, bare loop, DataLoader recipe) + time to 70.51 % → docs/benchmarks.md (~25 min)
 	$(BIN)/python bench/bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/time_to_accuracy.py --append docs/benchmarks.md
@@ -67,8 +78,8 @@ test-floors: $(VENV)/.installed  ## the oldest versions pyproject.toml admits: a
 	PYTHONPATH=.floors $(BIN)/python -m pytest -q tests/test_train.py tests/test_resume.py tests/test_recipe.py tests/test_bad_input.py tests/test_fuzz.py
 
 lint: $(VENV)/.installed  ## ruff: lint and format check
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench notebooks
+	$(BIN)/ruff format --check src tests bench notebooks
 
 clean:  ## remove outputs and caches (keeps .venv and the decoded-data cache)
 	rm -rf outputs/runs outputs/multiruns outputs/evals .pytest_cache .ruff_cache
