@@ -49,6 +49,34 @@ def trained_checkpoint(tiny_overrides, tmp_path) -> Path:
     return Path(train(compose_config("train", [*tiny_overrides, "trainer.max_epochs=1"]))["best_checkpoint"])
 
 
+def without_package(monkeypatch, name: str) -> None:
+    """As on a machine where `name` is not installed."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda module, *a: None if module == name else find_spec(module, *a)
+    )
+
+
+def server_asking_who_calls() -> str:
+    """A local HTTP server that answers every request 401, as MLflow's basic-auth app does without credentials."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_port}"
+
+
 def offline(monkeypatch):
     import torchvision.datasets.cifar
 
@@ -139,6 +167,15 @@ IN_PROCESS = {
     "an MLflow server that does not answer (`logger=mlflow logger.mlflow.tracking_uri=http://127.0.0.1:9`)": lambda t: [
         "logger=mlflow",
         "logger.mlflow.tracking_uri=http://127.0.0.1:9",
+    ],
+    "`logger=mlflow` without the track extra": lambda t: without_package(t.monkeypatch, "mlflow") or ["logger=mlflow"],
+    "an MLflow server that asks for credentials the environment does not give": lambda t: (
+        t.monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        or ["logger=mlflow", f"logger.mlflow.tracking_uri={server_asking_who_calls()}"]
+    ),
+    "credentials in the MLflow store's URL (`logger.mlflow.tracking_uri=http://me:secret@host:5000`)": lambda t: [
+        "logger=mlflow",
+        "logger.mlflow.tracking_uri=http://me:secret@host:5000",
     ],
     "W&B online without a login (`logger=wandb logger.wandb.offline=false`)": lambda t: (
         t.monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -86,7 +86,7 @@ def text() -> Domain:
 
 def url(*schemes: str) -> Domain:
     """A URL of one of `schemes` (sqlite:///…, http://…); a scheme with a driver counts as its own (mysql+pymysql)."""
-    return Domain(f"a URL starting {', '.join(f'{s}:' for s in schemes)}", lambda v: isinstance(v, str)
+    return Domain(f"a URL whose scheme is one of {', '.join(schemes)}", lambda v: isinstance(v, str)
                   and ":" in v and v.split(":", 1)[0].split("+")[0] in schemes)  # fmt: skip
 
 

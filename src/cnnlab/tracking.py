@@ -115,6 +115,10 @@ class MLflowLogger(MLFlowLogger):
     def __init__(self, *, tracking_uri: str, run_id: str | None = None, **kwargs):
         needs("mlflow", "mlflow")
         scheme = tracking_uri.split(":", 1)[0]  # one of those its domain names (conf/logger/mlflow.yaml)
+        if "@" in tracking_uri.split("://", 1)[-1].split("/", 1)[0]:  # user:password@host: into every saved config
+            raise UserError("logger.mlflow.tracking_uri holds credentials (user:password@host): the config is saved "
+                            "with the run and logged; give them as MLFLOW_TRACKING_USERNAME and "
+                            "MLFLOW_TRACKING_PASSWORD in the environment instead")  # fmt: skip
         if scheme in ("http", "https"):
             answering(tracking_uri)
             kwargs["artifact_location"] = None  # the server's own: it stores what the runs send it
@@ -159,14 +163,24 @@ class MLflowLogger(MLFlowLogger):
 
 
 def answering(url: str) -> None:
-    """One line, at once, where no server answers at an http(s) store (MLflow's client would retry for minutes)."""
+    """One line, at once, where no server answers at an http(s) store (MLflow's client would retry for minutes), or
+    where it asks who is calling and the environment does not say (MLflow's client would raise a traceback)."""
+    import base64
     import urllib.error
     import urllib.request
 
+    request = urllib.request.Request(f"{url.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:  # MLflow's client sends the same
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10)
-    except urllib.error.HTTPError:  # a server answered (401: its basic auth; credentials come from the environment)
-        return
+        urllib.request.urlopen(request, timeout=10)
+    except urllib.error.HTTPError as err:  # a server answered
+        if err.code in (401, 403):
+            given = "were refused" if user and password else "are not in the environment"
+            raise UserError(f"logger.mlflow.tracking_uri={url}: the server asks who is calling ({err.code}) and the "
+                            f"credentials {given}: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                            f"(never in a config)") from None  # fmt: skip
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise UserError(f"logger.mlflow.tracking_uri={url}: no MLflow server answers there ({reason}); start one "
