@@ -2,6 +2,8 @@
 equal to metrics.json; a resumed run continues the same tracker run; a real `mlflow server` on 127.0.0.1."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,7 +73,7 @@ def mlflow_server(tmp_path):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
          str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # its workers: one group
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -85,8 +87,8 @@ def mlflow_server(tmp_path):
                 assert server.poll() is None, "mlflow server exited"
                 time.sleep(0.25)
         yield url
-    finally:
-        server.terminate()
+    finally:  # the server and the job workers it starts (huey consumers), which outlive it otherwise
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
