@@ -241,6 +241,11 @@ COMMAND_LINE = {
         "hparams_search=optuna",
         "hydra.sweeper.pruner=fast",
     ],
+    "a search that would maximise a loss (`hydra.sweeper.metric=test/loss`)": [
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.metric=test/loss",
+    ],
     "a pruned search of a metric known only at the end (`hydra.sweeper.metric=test/acc`)": [
         "-m",
         "hparams_search=optuna",

@@ -75,3 +75,16 @@ def test_two_sweepers_sharing_a_journal_study_run_exactly_n_trials(tree_archive,
     ran = sorted(int(folder.name.split("_", 1)[0]) for folder in sweep.iterdir() if folder.is_dir())
     assert ran == sorted(trial.number for trial in counted)  # each ran once, surplus ones never
     assert all((next(sweep.glob(f"{n}_*")) / "metrics.json").is_file() for n in ran)
+
+
+def test_the_other_processes_of_a_ddp_trial_follow_the_first(monkeypatch):
+    """Started by Lightning with the run's own overrides (not the sweeper's), they find the searched metric in the
+    environment the first process leaves them, and take part in its decision (a collective call on every process)."""
+    from cnnlab.search import PRUNED_SEARCH, ReportToTrial, trial_report
+
+    monkeypatch.setenv(PRUNED_SEARCH, "val/acc_best")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    report = trial_report()
+    assert isinstance(report, ReportToTrial) and report.trial is None and report.metric == "val/acc_best"
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert trial_report() is None  # a first process outside a search

@@ -173,3 +173,19 @@ def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_its_id(tiny_
     train(compose_config("train", resumed(overrides, first)))
     runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and wandb_run(runs[1])["id"] == run["id"]  # `wandb sync` puts both into the one run
+
+
+def test_a_run_that_fails_ends_its_tracker_runs(tiny_overrides, tmp_path, monkeypatch):
+    """MLflow says FAILED and the W&B run is finished: neither stays open for the next run of the process."""
+    import wandb
+
+    for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(tmp_path / "wandb-home"))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [*tiny_overrides, "logger=[mlflow,wandb]", f"logger.mlflow.tracking_uri={store}",
+                 "+callbacks.crash._target_=tests.callbacks.CrashAt", "+callbacks.crash.step=2"]  # fmt: skip
+    with pytest.raises(RuntimeError, match="crash before step 2"):
+        train(compose_config("train", overrides))
+    (run,) = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("cnnlab").experiment_id])
+    assert run.info.status == "FAILED"
+    assert wandb.run is None

@@ -8,8 +8,8 @@ from importlib import metadata
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import cnnlab.tracking
-from cnnlab.tracking import run_metadata
+import cnnlab.provenance
+from cnnlab.provenance import run_metadata
 from cnnlab.train import train
 from tests.conftest import ROOT, compose_config
 
@@ -37,9 +37,9 @@ def test_a_run_records_its_code_versions_and_machine(tiny_overrides, tmp_path, m
 
 
 def test_no_git_is_no_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(cnnlab.tracking, "CHECKOUT", tmp_path)  # code outside a git checkout
+    monkeypatch.setattr(cnnlab.provenance, "CHECKOUT", tmp_path)  # code outside a git checkout
     assert run_metadata()["git_commit"] is None and run_metadata()["git_dirty"] is None
-    monkeypatch.setattr(cnnlab.tracking, "CHECKOUT", ROOT)
+    monkeypatch.setattr(cnnlab.provenance, "CHECKOUT", ROOT)
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without git at all
     run = run_metadata()
     assert run["git_commit"] is None and run["git_dirty"] is None and run["torch"] == metadata.version("torch")

@@ -9,13 +9,10 @@ storage is one, and it works across processes and machines (SQLite, a journal fi
 database server).
 """
 
+import os
 from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
-
-METRICS = ("val/acc_best", "test/acc", "test/loss", "test/acc_tta")  # numbers of metrics.json a search can optimise
-PER_VALIDATION = ("val/acc_best",)  # those also logged at each validation: a pruner can follow them
-PRUNERS = ("none", "median", "hyperband")
 
 
 def storage_of(storage: str | None, sweep_dir: Path):
@@ -45,15 +42,23 @@ def pruner_of(name: str, startup_trials: int, warmup_epochs: int):
     return optuna.pruners.NopPruner()
 
 
+PRUNED_SEARCH = "CNNLAB_PRUNED_SEARCH_METRIC"  # set by a trial's first process for the others of a DDP run
+
+
 def trial_report() -> "ReportToTrial | None":
     """The callback that reports this job's validations to its Optuna trial, when the job is a trial of a search
-    that prunes (None otherwise)."""
+    that prunes (None otherwise). The other processes of a DDP trial get one too, without the trial: they follow
+    the first process's decision (they are started with the run's own overrides, not the sweeper's, and find the
+    metric in the environment the first one leaves them)."""
     from hydra.core.hydra_config import HydraConfig
 
+    if other_process_of_a_run() and os.environ.get(PRUNED_SEARCH):
+        return ReportToTrial(None, os.environ[PRUNED_SEARCH])
     if not HydraConfig.initialized():
         return None
     sweeper = HydraConfig.get().sweeper
     if sweeper.get("trial") is None or sweeper.get("pruner", "none") == "none":
+        os.environ.pop(PRUNED_SEARCH, None)
         return None
     import optuna
 
@@ -63,7 +68,13 @@ def trial_report() -> "ReportToTrial | None":
         pruner=pruner_of(sweeper.pruner, sweeper.startup_trials, sweeper.warmup_epochs),
     )
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, sweeper.trial)
+    os.environ[PRUNED_SEARCH] = sweeper.metric  # inherited by the processes Lightning starts for DDP
     return ReportToTrial(optuna.trial.Trial(study, trial_id), sweeper.metric)
+
+
+def other_process_of_a_run() -> bool:
+    """A process of a multi-process run other than the first (Lightning's LOCAL_RANK, torchrun's RANK)."""
+    return any(int(os.environ.get(name, "0") or 0) > 0 for name in ("LOCAL_RANK", "RANK", "NODE_RANK"))
 
 
 def searched_metric() -> str:
@@ -78,7 +89,7 @@ class ReportToTrial(Callback):
     """At each validation's end: the searched metric's value to the trial (step = the epoch); the run stops at the
     end of that epoch when the pruner says so. Decided by the first process, followed by all (DDP)."""
 
-    def __init__(self, trial, metric: str):
+    def __init__(self, trial, metric: str):  # trial None: another process of a DDP run
         self.trial, self.metric = trial, metric
         self.pruned_at_epoch: int | None = None
 
@@ -86,11 +97,11 @@ class ReportToTrial(Callback):
         if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
             return
         prune = False
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.trial is not None:
             self.trial.report(float(trainer.callback_metrics[self.metric]), step=trainer.current_epoch)
             prune = self.trial.should_prune()
         if trainer.strategy.broadcast(prune, src=0):
             self.pruned_at_epoch = trainer.current_epoch + 1
             trainer.should_stop = True
-            if trainer.is_global_zero:
+            if trainer.is_global_zero and self.trial is not None:
                 self.trial.set_user_attr("pruned_at_epoch", self.pruned_at_epoch)  # the sweeper records it PRUNED

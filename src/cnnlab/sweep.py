@@ -23,6 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from cnnlab import write_atomically
 
 ERROR_FILE = "error.txt"
+# An Optuna search's settings (src/hydra_plugins/cnnlab_optuna checks them; cnnlab.search runs a trial's side)
+SEARCH_METRICS = ("val/acc_best", "test/acc", "test/loss", "test/acc_tta")  # numbers of metrics.json to optimise
+PER_VALIDATION = ("val/acc_best",)  # those also logged at each validation: a pruner can follow them
+PRUNERS = ("none", "median", "hyperband")
 
 
 def job_failed(message: str, output_dir: str | Path) -> None:

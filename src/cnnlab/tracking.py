@@ -1,24 +1,17 @@
-"""What produced a run, and the experiment trackers that keep it: TensorBoard, CSV, MLflow, W&B.
+"""The experiment trackers a run logs to besides TensorBoard and CSV: MLflow and W&B, and what every logger gets.
 
-`run_metadata()`: the code (git commit, a dirty tree), the command line, the versions, the machine, as plain data
-for metrics.json and the loggers (TensorBoard shows it as a text card, the CSV logger keeps it in its hparams.yaml,
-MLflow as tags, W&B in its config): enough to tell, months later, which code on which machine made a number.
-Nothing from the environment is recorded (it may hold secrets); a machine without git records the commit as null.
-
-`MLflowLogger` and `WandbLogger` are Lightning's, with what a cnnlab run needs of them: one line when the package
-or the server is missing, a resumed run continuing its tracker's run (the ids are in the checkpoints), and a
-resumed run's changed settings kept (MLflow refuses to change a param). `log_picture` sends a figure or an image to
-every logger that shows pictures; `publish_results` adds the final metrics and the run's files at the end.
+`MLflowRunLogger` and `WandbRunLogger` are Lightning's MLFlowLogger and WandbLogger with what a cnnlab run needs of
+them: one line when the package, the server or the credentials are missing; a resumed run continuing its tracker
+run (the ids are in the checkpoints: `tracker_runs`, `resume_arguments`); a resumed run's changed settings kept
+(MLflow refuses to change a param); a run that fails or is stopped ended as such (`end_tracker_runs`).
+`log_picture` sends a figure or an image to every logger that shows pictures; `publish_results` adds the final
+metrics and the run's files at the end.
 """
 
+import contextlib
 import logging
 import os
-import platform
 import shutil
-import socket
-import subprocess
-import sys
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -29,75 +22,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from cnnlab import UserError
 
 log = logging.getLogger(__name__)
-CHECKOUT = Path(__file__).resolve().parents[2]  # src/cnnlab/tracking.py → the repository of this code
-PACKAGES = ("cnnlab", "torch", "lightning", "hydra-core", "omegaconf", "torchvision", "torchmetrics")
-
-
-def git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):  # no git on this machine
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def cpu_model() -> str:
-    """The processor's name as the kernel gives it (/proc/cpuinfo), else what Python knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def run_metadata() -> dict:
-    commit = git("rev-parse", "HEAD")
-    changes = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    cuda = torch.cuda.is_available()
-    return {
-        "git_commit": commit,
-        "git_dirty": None if changes is None else bool(changes),  # tracked files changed since the commit
-        "command": " ".join(["python", *sys.argv]),
-        "python": platform.python_version(),
-        **{package: version(package) for package in PACKAGES},
-        "host": socket.gethostname(),
-        "os": f"{platform.system()} {platform.release()}",
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
-        "gpus": torch.cuda.device_count() if cuda else 0,
-        "cuda": torch.version.cuda if cuda else None,
-    }
-
-
-def log_metadata(loggers: list, run: dict) -> None:
-    """TensorBoard: a text card `run/metadata` (a table); CSV: `run` in its hparams.yaml; MLflow: tags `run/…` (they
-    may change when the run is resumed, params may not); others (W&B): their config."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            table = "| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in run.items())
-            logger.experiment.add_text("run/metadata", table, 0)
-        elif isinstance(logger, CSVLogger):
-            logger.log_hyperparams({"run": run})
-        elif isinstance(logger, MLFlowLogger):
-            logger.set_tags({f"run/{key}": value for key, value in run.items()})
-        else:
-            logger.log_hyperparams({f"run/{key}": value for key, value in run.items()})
-
-
-# ------------------------------------------------------------------------------------------ the trackers
 
 
 def needs(package: str, logger: str) -> None:
@@ -108,39 +32,51 @@ def needs(package: str, logger: str) -> None:
                         f"pip install -e '.[track]' (make install does it)")  # fmt: skip
 
 
-class MLflowLogger(MLFlowLogger):
+class MLflowRunLogger(MLFlowLogger):
     """Lightning's MLFlowLogger for a cnnlab run. The store is named by a URL (conf/logger/mlflow.yaml); checkpoints
     stay in the run dir whatever the store (Lightning's open issue: with a SQLite URL its save_dir is None)."""
 
     def __init__(self, *, tracking_uri: str, run_id: str | None = None, **kwargs):
         needs("mlflow", "mlflow")
         scheme = tracking_uri.split(":", 1)[0]  # one of those its domain names (conf/logger/mlflow.yaml)
-        if "@" in tracking_uri.split("://", 1)[-1].split("/", 1)[0]:  # user:password@host: into every saved config
+        host = tracking_uri.split("://", 1)[-1].split("/", 1)[0]
+        if ":" in host.rpartition("@")[0]:  # user:password@host would go into every saved config
             raise UserError("logger.mlflow.tracking_uri holds credentials (user:password@host): the config is saved "
                             "with the run and logged; give them as MLFLOW_TRACKING_USERNAME and "
                             "MLFLOW_TRACKING_PASSWORD in the environment instead")  # fmt: skip
         if scheme in ("http", "https"):
-            answering(tracking_uri)
+            check_mlflow_server(tracking_uri)
             kwargs["artifact_location"] = None  # the server's own: it stores what the runs send it
         super().__init__(tracking_uri=tracking_uri, **kwargs)
-        if run_id is not None:  # a resumed run: its MLflow run goes on, if this store has it
+        if run_id is not None:  # a resumed run: its MLflow run goes on, if this store has it, not deleted
             from mlflow.exceptions import MlflowException
 
             try:
-                self._mlflow_client.get_run(run_id)
+                active = self._mlflow_client.get_run(run_id).info.lifecycle_stage == "active"
+            except MlflowException:
+                active = False
+            if not active:
+                log.warning(f"the resumed run's MLflow run {run_id} is not in {tracking_uri}: a new MLflow run")
+            else:
                 self._run_id = run_id
                 if rank_zero_only.rank == 0:
                     self._mlflow_client.update_run(run_id, status="RUNNING")
-            except MlflowException:
-                log.warning(f"the resumed run's MLflow run {run_id} is not in {tracking_uri}: a new MLflow run")
 
     @property
     def experiment(self):
-        """Lightning's, with a SQLite store opened under a lock: two jobs of a parallel sweep do not both create it."""
-        if self._initialized or not self._tracking_uri.startswith("sqlite:///"):
-            return MLFlowLogger.experiment.fget(self)
-        with created_once(self._tracking_uri.removeprefix("sqlite:///")):
-            return MLFlowLogger.experiment.fget(self)
+        """Lightning's, with a SQLite store opened under a lock (two jobs of a parallel sweep do not both create
+        it), and an experiment that another job created at the same moment taken as it is."""
+        from mlflow.exceptions import MlflowException
+
+        lock = sqlite_creation_lock(self._tracking_uri) if not self._initialized else None
+        with lock or contextlib.nullcontext():
+            try:
+                return MLFlowLogger.experiment.fget(self)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                self._experiment_id = self._mlflow_client.get_experiment_by_name(self._experiment_name).experiment_id
+                return MLFlowLogger.experiment.fget(self)
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
@@ -152,32 +88,40 @@ class MLflowLogger(MLFlowLogger):
         if new:
             super().log_hyperparams(new)
         changed = {f"resumed/{key}": value for key, value in given.items() if key in logged and logged[key] != value}
-        if changed:
-            self.set_tags(changed)
-
-    @rank_zero_only
-    def set_tags(self, tags: dict) -> None:
-        from mlflow.entities import RunTag
-
-        self.experiment.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+        mlflow_tags(self, changed)
 
 
-def answering(url: str) -> None:
+def mlflow_tags(logger: MLFlowLogger, tags: dict) -> None:
+    """Tags of the logger's MLflow run: they may change later (a resumed run's), params may not."""
+    from mlflow.entities import RunTag
+
+    if tags and rank_zero_only.rank == 0:
+        logger.experiment.log_batch(logger.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def check_mlflow_server(url: str) -> None:
     """One line, at once, where no server answers at an http(s) store (MLflow's client would retry for minutes), or
-    where it asks who is calling and the environment does not say (MLflow's client would raise a traceback)."""
+    where it asks who is calling and the environment does not say (MLflow's client would raise a traceback). The
+    request carries what MLflow's client would send: MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN,
+    and MLFLOW_TRACKING_INSECURE_TLS."""
     import base64
+    import ssl
     import urllib.error
     import urllib.request
 
     request = urllib.request.Request(f"{url.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    if user and password:  # MLflow's client sends the same
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    if user and password:
         request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
     try:
-        urllib.request.urlopen(request, timeout=10)
+        urllib.request.urlopen(request, timeout=10, context=ssl._create_unverified_context() if insecure else None)
     except urllib.error.HTTPError as err:  # a server answered
         if err.code in (401, 403):
-            given = "were refused" if user and password else "are not in the environment"
+            given = "were refused" if (user and password) or token else "are not in the environment"
             raise UserError(f"logger.mlflow.tracking_uri={url}: the server asks who is calling ({err.code}) and the "
                             f"credentials {given}: export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
                             f"(never in a config)") from None  # fmt: skip
@@ -188,24 +132,25 @@ def answering(url: str) -> None:
                         f"SQLite store under outputs_root") from None  # fmt: skip
 
 
-def created_once(database: str):
-    """An exclusive lock beside a SQLite store while it is opened: the first job creates its tables alone."""
-    import contextlib
+@contextlib.contextmanager
+def sqlite_creation_lock(tracking_uri: str):
+    """For a SQLite store: an exclusive lock beside its file while it is opened, so that the first of several jobs
+    creates its tables alone. Other stores: no lock (their server or database serialises)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
     import fcntl
 
-    @contextlib.contextmanager
-    def locked():
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{database}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-
-    return locked()
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
-class WandbLogger(LightningWandbLogger):
-    """Lightning's WandbLogger, offline unless told (conf/logger/wandb.yaml), quiet on the console; a resumed run
-    continues its W&B run (`id`)."""
+class WandbRunLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, offline unless told (conf/logger/wandb.yaml), quiet on the console, a W&B run of its
+    own (Lightning's would join a run left open in the process); a resumed run continues its W&B run (`id`)."""
 
     def __init__(self, *, offline: bool, **kwargs):
         needs("wandb", "wandb")
@@ -218,18 +163,30 @@ class WandbLogger(LightningWandbLogger):
         kwargs.setdefault("settings", wandb.Settings(quiet=True, console="off"))  # the run's lines stay ours
         super().__init__(offline=offline, **kwargs)
 
+    @property
+    def experiment(self):
+        import wandb
+
+        if self._experiment is None and wandb.run is not None and rank_zero_only.rank == 0:
+            wandb.run.finish()  # another run's, left open (a run before this one in the process failed)
+        return LightningWandbLogger.experiment.fget(self)
+
 
 def wandb_login_saved() -> bool:
-    netrc = Path("~/.netrc").expanduser()
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+    """`wandb login` writes the key into the netrc file, under the W&B server's host."""
+    from urllib.parse import urlparse
+
+    netrc = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    return netrc.is_file() and host in netrc.read_text(errors="replace")
 
 
 PICTURE_LOGGERS = (TensorBoardLogger, MLFlowLogger, LightningWandbLogger)  # those log_picture shows pictures in
-RESUMED_BY = {MLflowLogger: "run_id", LightningWandbLogger: "id"}  # the argument that continues a tracker's run
+RESUMED_BY = {MLFlowLogger: "run_id", LightningWandbLogger: "id"}  # the argument that continues a tracker's run
 
 
 def tracker_runs(loggers: list) -> dict:
-    """The tracker runs of this run, for its checkpoints: {"MLflowLogger": run id, "WandbLogger": id}."""
+    """The tracker runs of this run, for its checkpoints: {"MLFlowLogger": run id, "WandbLogger": id}."""
     runs = {}
     for logger in loggers:
         for kind in RESUMED_BY:
@@ -239,7 +196,8 @@ def tracker_runs(loggers: list) -> dict:
 
 
 def resume_arguments(target: type, checkpoint: dict | None) -> dict:
-    """What continues the tracker run a checkpoint names, for a logger of class `target`."""
+    """What continues the tracker run a checkpoint names, for a logger of class `target` (nothing for a checkpoint
+    without one)."""
     runs = (checkpoint or {}).get("trackers") or {}
     for kind, argument in RESUMED_BY.items():
         if issubclass(target, kind) and runs.get(kind.__name__):
@@ -247,7 +205,17 @@ def resume_arguments(target: type, checkpoint: dict | None) -> dict:
     return {}
 
 
-# ------------------------------------------------------------------------------------------ pictures and results
+def end_tracker_runs(loggers: list, status: str) -> None:
+    """A run that failed or was stopped (status FAILED or KILLED): its MLflow run says so and its W&B run ends, so
+    that neither stays open (the next run in the process, a resume, starts cleanly). Nothing for a tracker run that
+    was never started."""
+    if rank_zero_only.rank != 0:
+        return
+    for logger in loggers:
+        if isinstance(logger, MLFlowLogger) and logger._initialized:
+            logger.experiment.set_terminated(logger.run_id, status)
+        elif isinstance(logger, LightningWandbLogger) and logger._experiment is not None:
+            logger._experiment.finish(exit_code=1)
 
 
 def log_picture(loggers: list, tag: str, picture, step: int) -> None:

@@ -2,7 +2,7 @@
 
 import logging
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -20,10 +20,11 @@ from cnnlab.data.sources import follow_the_data
 from cnnlab.module import LitClassifier
 from cnnlab.pictures import top_confusions
 from cnnlab.process import keep_freed_memory, share_the_machine
+from cnnlab.provenance import log_metadata, run_metadata
 from cnnlab.quiet import quiet_libraries
 from cnnlab.search import ReportToTrial, trial_report
-from cnnlab.stops import RunGuard
-from cnnlab.tracking import log_metadata, publish_results, resume_arguments, run_metadata
+from cnnlab.stops import Interrupted, RunGuard
+from cnnlab.tracking import end_tracker_runs, publish_results, resume_arguments
 
 log = logging.getLogger(__name__)
 if logging.getLogger().handlers:
@@ -152,19 +153,21 @@ def train(cfg: DictConfig) -> dict | None:
     torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     share_the_machine(cfg)  # a job among others running at once on GPUs: a GPU of its own
     datamodule, module, trainer = build(cfg, resuming=checkpoint)
-    run = run_metadata()  # the code, the command, the versions, the machine
-    log_metadata(trainer.loggers, run)
-    if checkpoint is not None:
-        resume.check_shapes(module, checkpoint, resume_from)
-        resume.check_processes(trainer, checkpoint, resume_from)
-        resume.check_same_training(module, checkpoint, resume_from)
     guard = next((c for c in trainer.callbacks if isinstance(c, RunGuard)), None)
-    with guard.handling_signals() if guard else nullcontext(), scale.process_group_ended_after():
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-        best = resume.best_checkpoint(trainer, checkpoint)
-        if not best:
-            log.warning("no best checkpoint was saved (fast_dev_run?): testing the weights as they are")
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+    with tracker_runs_ended_on_failure(trainer.loggers):
+        run = run_metadata()  # the code, the command, the versions, the machine
+        log_metadata(trainer.loggers, run)
+        if checkpoint is not None:
+            resume.check_shapes(module, checkpoint, resume_from)
+            resume.check_processes(trainer, checkpoint, resume_from)
+            resume.check_same_training(module, checkpoint, resume_from)
+        with guard.handling_signals() if guard else nullcontext(), scale.process_group_ended_after():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+            best = resume.best_checkpoint(trainer, checkpoint)
+            if not best:
+                log.warning("no best checkpoint was saved (fast_dev_run?): testing the weights as they are")
+            tested = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False,
+                                  weights_only=True)  # fmt: skip
     metrics = {
         "test/acc": tested[0]["test/acc"],
         "test/loss": tested[0]["test/loss"],
@@ -193,6 +196,16 @@ def train(cfg: DictConfig) -> dict | None:
     write_metrics(metrics, cfg.output_dir)
     publish_results(trainer.loggers, metrics, Path(cfg.output_dir), OmegaConf.to_yaml(cfg))  # MLflow, W&B: + files
     return metrics
+
+
+@contextmanager
+def tracker_runs_ended_on_failure(loggers: list):
+    """An MLflow or W&B run of a run that fails or is stopped ends as FAILED or KILLED, not left open."""
+    try:
+        yield
+    except BaseException as err:
+        end_tracker_runs(loggers, "KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def pruned(trainer: L.Trainer) -> dict:

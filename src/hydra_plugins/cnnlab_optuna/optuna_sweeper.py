@@ -56,14 +56,15 @@ class OptunaSweeper(Sweeper):
 
     def check(self, config) -> None:
         """Each setting of the search: one line and exit 1 for a wrong one, before any trial runs."""
-        from cnnlab.search import METRICS, PER_VALIDATION, PRUNERS
+        from cnnlab.sweep import PER_VALIDATION, PRUNERS, SEARCH_METRICS
 
         whole = lambda v, low: isinstance(v, int) and not isinstance(v, bool) and v >= low  # noqa: E731
         problems = {
             "n_trials": None if whole(self.n_trials, 1) else "an integer ≥ 1",
             "n_jobs": None if whole(self.n_jobs, 1) else "an integer ≥ 1: the trials asked and launched at once",
             "direction": None if self.direction in ("maximize", "minimize") else "one of maximize, minimize",
-            "metric": None if self.metric in METRICS else f"one of {', '.join(METRICS)} (a number of metrics.json)",
+            "metric": None if self.metric in SEARCH_METRICS else f"one of {', '.join(SEARCH_METRICS)} (a number of "
+            "metrics.json)",
             "pruner": None if self.pruner in PRUNERS else f"one of {', '.join(PRUNERS)}",
             "startup_trials": None if whole(self.startup_trials, 0) else "an integer ≥ 0",
             "warmup_epochs": None if whole(self.warmup_epochs, 0) else "an integer ≥ 0",
@@ -74,6 +75,13 @@ class OptunaSweeper(Sweeper):
         for key, must in problems.items():
             if must:
                 sys.exit(f"error: hydra.sweeper.{key}={getattr(self, key)!r} must be {must}")
+        best = "minimize" if self.metric.endswith("loss") else "maximize"
+        if self.direction != best:
+            sys.exit(f"error: hydra.sweeper.direction={self.direction} for {self.metric}, which is better "
+                     f"{'lower' if best == 'minimize' else 'higher'}: use hydra.sweeper.direction={best}")  # fmt: skip
+        if self.metric == "test/acc_tta" and not OmegaConf.select(config, "data.tta", default=False):
+            sys.exit("error: hydra.sweeper.metric=test/acc_tta needs data.tta=true (the trials would have no such "
+                     "number)")  # fmt: skip
         if self.pruner != "none" and self.metric not in PER_VALIDATION:
             sys.exit(f"error: hydra.sweeper.pruner={self.pruner} follows the metric at each validation, and "
                      f"{self.metric} is known only at the end: use hydra.sweeper.metric=val/acc_best, or "
@@ -99,11 +107,11 @@ class OptunaSweeper(Sweeper):
             study_name=self.study_name,
             storage=storage_of(self.storage, sweep_dir),
             direction=self.direction,
-            sampler=optuna.samplers.TPESampler(seed=self.seed),
+            sampler=optuna.samplers.TPESampler(seed=self.sampler_seed(), constant_liar=self.n_jobs > 1 or self.shared),
             pruner=pruner_of(self.pruner, self.startup_trials, self.warmup_epochs),
             load_if_exists=True,
         )
-        fail_abandoned(study)
+        fail_abandoned(study, self.shared)
         done = len(counted(study, finished=True))
         if done:
             log.info(f"continuing the study {self.study_name}: {done} of {self.n_trials} trials done")
@@ -115,6 +123,18 @@ class OptunaSweeper(Sweeper):
                 self.tell(study, trial, result)
         wait_for_the_others(study)
         self.report_best(study, space, sweep_dir)
+
+    @property
+    def shared(self) -> bool:
+        """A study that other sweepers may share: a journal file or a database URL, not the sweep dir's own SQLite."""
+        return self.storage is not None
+
+    def sampler_seed(self) -> int:
+        """The sampler's seed; sweepers sharing a study each draw their own values (the same seed would have them
+        propose the same first trials)."""
+        import zlib
+
+        return self.seed + zlib.crc32(WORKER.encode()) % 2**16 if self.shared else self.seed
 
     def ask(self, study) -> list:
         """Up to n_jobs new trials, while the study (shared with other sweepers, perhaps) has fewer than n_trials.
@@ -170,27 +190,32 @@ def counted(study, finished: bool = False) -> list:
     return [t for t in trials if t.state.is_finished()] if finished else trials
 
 
-def fail_abandoned(study) -> None:
+def fail_abandoned(study, shared: bool) -> None:
     """Trials left running by a sweeper of this machine that no longer runs (an interrupted search): failed, so that
-    the search goes on with new ones. Trials of sweepers that still run, here or on other machines, are theirs."""
-    host = socket.gethostname()
+    the search goes on with new ones (they count towards n_trials). Trials of sweepers that still run, here or on
+    other machines, are theirs; so is, in a shared study, a trial not yet marked with its sweeper."""
     for trial in study.get_trials(deepcopy=False):
-        worker = trial.user_attrs.get("worker", f"{host}:0")
-        name, _, pid = worker.rpartition(":")
-        if trial.state.name == "RUNNING" and name == host and not alive(int(pid or 0)):
+        worker = trial.user_attrs.get("worker")
+        if trial.state.name == "RUNNING" and (abandoned_by(worker) if worker else not shared):
             study.tell(trial.number, state=optuna_state("FAIL"), skip_if_finished=True)
+
+
+def abandoned_by(worker: str) -> bool:
+    """Whether the sweeper `worker` (host:pid) was of this machine and no longer runs."""
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and not alive(int(pid or 0))
 
 
 def wait_for_the_others(study) -> None:
     """The search ends when its study does: trials that other sweepers still run (sharing the study) are waited for,
-    so that each sweeper's summary covers every trial. A trial of a sweeper of this machine that died is not."""
+    so that each sweeper's summary covers every trial. A trial of a sweeper of this machine that died is not; one
+    of another machine's sweeper that died would be waited for until Ctrl-C (the line says whose)."""
     import time
 
-    host, said = socket.gethostname(), False
+    said = False
     while True:
         running = [t for t in study.get_trials(deepcopy=False) if t.state.name == "RUNNING"]
-        running = [t for t in running if not ((w := t.user_attrs.get("worker", "")).startswith(f"{host}:")
-                                              and not alive(int(w.rpartition(":")[2] or 0)))]  # fmt: skip
+        running = [t for t in running if not abandoned_by(t.user_attrs.get("worker", ":0"))]
         if not running:
             return
         if not said:
