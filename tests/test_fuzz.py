@@ -163,6 +163,7 @@ def outcome(name: str, key: str, value: str, tree_archive: Path, tmp_path: Path)
 
 def test_every_wrong_value_gets_one_line_or_is_valid_and_builds(hydra_conf, tree_archive, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative logger.*.save_dir=abc builds its logger here, not in the checkout
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # a build starts no W&B run (tests/test_trackers.py runs them)
     seen: Counter = Counter()
     valid, broken = [], []
     for name, key, value in ALL_CASES:

@@ -172,42 +172,6 @@ def test_a_joblib_sweep_runs_two_jobs_at_once_each_on_its_share_of_the_cores(tre
     assert [(threads / f"threads-{n}.txt").read_text() for n in (0, 1)] == [share, share]
 
 
-def search(tree_archive, tmp_path, trials: int) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "hparams_search=optuna",
-         f"hydra.sweeper.n_trials={trials}", "trainer=cpu", "trainer.max_epochs=1", "data.val_size=20",
-         f"data.root={tree_archive}",
-         f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / 'search'}",
-         "+callbacks.fail._target_=tests.callbacks.FailJob", "+callbacks.fail.job=${hydra:job.num}",
-         "+callbacks.fail.fail=1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
-    )  # fmt: skip
-
-
-def test_an_optuna_search_records_a_failing_trial_and_continues_where_it_stopped(tree_archive, tmp_path):
-    import optuna
-    import yaml
-
-    first = search(tree_archive, tmp_path, trials=2)  # trial 1 fails
-    assert first.returncode == 1, first.stderr[-3000:]  # a job did not finish: the sweep says so
-    sweep = tmp_path / "search"
-    assert "error: job 1 fails on purpose" in (next(sweep.glob("1_*")) / "error.txt").read_text()
-    again = search(tree_archive, tmp_path, trials=3)  # the same command and sweep dir: one more trial
-    assert "continuing the study" in again.stdout + again.stderr and "2 of 3 trials done" in again.stdout + again.stderr
-    study = optuna.load_study(study_name="cnnlab", storage=f"sqlite:///{sweep / 'optuna.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert sorted(p.name.split("_", 1)[0] for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
-    for trial in study.trials:  # each trial's values are what its job ran with
-        overrides = yaml.safe_load((next(sweep.glob(f"{trial.number}_*")) / ".hydra" / "overrides.yaml").read_text())
-        assert f"model.dropout={trial.params['model.dropout']}" in overrides
-        assert f"optimizer={trial.params['optimizer']}" in overrides
-    best = yaml.safe_load((sweep / "best_overrides.yaml").read_text())
-    assert best["trial"] == study.best_trial.number and best["value"] == pytest.approx(study.best_value)
-    metrics = json.loads((next(sweep.glob(f"{best['trial']}_*")) / "metrics.json").read_text())
-    assert metrics["val/acc_best"] == pytest.approx(best["value"])  # it maximised val/acc_best, not test/acc
-    assert f"best trial {best['trial']} of 3 (2 complete, 1 fail): val/acc_best=" in again.stdout
-
-
 def test_the_slurm_preset_asks_for_one_task_per_ddp_process(tmp_path, monkeypatch):
     import submitit
     from hydra import compose, initialize_config_dir

@@ -27,31 +27,46 @@ def log_span(job: Path) -> tuple[datetime, datetime]:
     return datetime.strptime(stamps[0], "%Y-%m-%d %H:%M:%S,%f"), datetime.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S,%f")
 
 
-def test_a_pruned_search_runs_two_trials_at_once_and_still_reports_the_best(tree_archive, tmp_path):
-    done = subprocess.run(
-        search_command(tree_archive, tmp_path, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
-                       "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "hydra.sweeper.pruner=median",
-                       "hydra.sweeper.startup_trials=1", "hydra.sweeper.warmup_epochs=0", "trainer.max_epochs=3"),
-        cwd=tmp_path, capture_output=True, text=True, timeout=400, env=with_root_on_path(),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_a_pruned_search_runs_two_trials_at_once_records_a_failing_one_and_continues(tree_archive, tmp_path):
+    import yaml
+
+    def search(trials: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            search_command(tree_archive, tmp_path, f"hydra.sweeper.n_trials={trials}", "hydra.sweeper.n_jobs=2",
+                           "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "hydra.sweeper.pruner=median",
+                           "hydra.sweeper.startup_trials=1", "hydra.sweeper.warmup_epochs=0", "trainer.max_epochs=2",
+                           "+callbacks.fail._target_=tests.callbacks.FailJob", "+callbacks.fail.job=${hydra:job.num}",
+                           "+callbacks.fail.fail=1"),
+            cwd=tmp_path, capture_output=True, text=True, timeout=400, env=with_root_on_path(),
+        )  # fmt: skip
+
+    first = search(trials=4)  # trial 1 fails on purpose
+    assert first.returncode == 1, first.stderr[-3000:]  # a job did not finish: the sweep says so
     sweep = tmp_path / "search"
+    assert "error: job 1 fails on purpose" in (next(sweep.glob("1_*")) / "error.txt").read_text()
+    again = search(trials=5)  # the same command and sweep dir: one more trial
+    assert "4 of 5 trials done" in again.stdout + again.stderr
     study = optuna.load_study(study_name="cnnlab", storage=f"sqlite:///{sweep / 'optuna.db'}")
     states = [trial.state.name for trial in study.trials]
-    assert len(states) == 4 and "PRUNED" in states and "COMPLETE" in states, states
+    assert len(states) == 5 and states[1] == "FAIL" and "PRUNED" in states and "COMPLETE" in states, states
     for trial in study.trials:
         (folder,) = sweep.glob(f"{trial.number}_*")  # each trial's folder carries its number
-        metrics = json.loads((folder / "metrics.json").read_text())
+        overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
+        assert f"model.dropout={trial.params['model.dropout']}" in overrides  # the values its job ran with
         assert trial.user_attrs["run_dir"] == str(folder)
-        if trial.state.name == "PRUNED":  # its folder says so, and it stopped before its last epoch
+        if trial.state.name == "FAIL":
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text())
+        if trial.state.name == "PRUNED":  # its folder says so, and it stopped at that epoch
             assert metrics["pruned_at_epoch"] == trial.user_attrs["pruned_at_epoch"] == metrics["epochs"]
         else:
-            assert "pruned_at_epoch" not in metrics and metrics["epochs"] == 3
-            assert trial.value == pytest.approx(metrics["val/acc_best"])
-    best = study.best_trial
-    assert best.state.name == "COMPLETE" and f"best trial {best.number} of 4 (" in done.stdout
-    first, second = (log_span(next(sweep.glob(f"{n}_*"))) for n in (0, 1))  # the first batch: side by side
-    assert first[0] < second[1] and second[0] < first[1], (first, second)
+            assert "pruned_at_epoch" not in metrics and metrics["epochs"] == 2
+            assert trial.value == pytest.approx(metrics["val/acc_best"])  # val/acc_best, not test/acc
+    best = yaml.safe_load((sweep / "best_overrides.yaml").read_text())
+    assert best["trial"] == study.best_trial.number and best["value"] == pytest.approx(study.best_value)
+    assert f"best trial {best['trial']} of 5 (" in again.stdout
+    first_job, second_job = (log_span(next(sweep.glob(f"{n}_*"))) for n in (2, 3))  # a batch of two: side by side
+    assert first_job[0] < second_job[1] and second_job[0] < first_job[1], (first_job, second_job)
     report = subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), str(sweep)], capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert report.returncode == 0, report.stderr
