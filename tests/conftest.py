@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import tarfile
@@ -83,6 +84,13 @@ def with_root_on_path() -> dict[str, str]:
     """This process's environment with the checkout first on PYTHONPATH (a `src/train.py` started by a test imports
     tests.callbacks), and whatever was on it kept (bench/gpu.sh's installed wheels, make test-floors' versions)."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on, for a server a test starts (TensorBoard, MLflow)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def compose_config(name: str, overrides: list[str]):

@@ -4,7 +4,6 @@ equal to metrics.json; a resumed run continues the same tracker run; a real `mlf
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cnnlab.train import hyperparameters, train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, free_port
 
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -57,12 +56,6 @@ def test_mlflow_run_reads_back_equal_to_metrics_json_and_resumes_the_same_run(ti
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [3, 7, 11]
     assert run.data.metrics["test/acc"] == pytest.approx(again["test/acc"])
     assert run.data.params["epochs"] == "2" and run.data.tags["resumed/epochs"] == "3"  # MLflow keeps a param's first
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
