@@ -98,20 +98,25 @@ def compose_config(name: str, overrides: list[str]):
         return compose(config_name=name, overrides=overrides)
 
 
-@pytest.fixture
-def tiny_overrides(tree_archive, tmp_path) -> list[str]:
-    """Overrides for a seconds-long CPU run on the tiny archive, writing into tmp_path."""
+def tiny_run(tree_archive: Path, folder: Path) -> list[str]:
+    """Overrides for a seconds-long CPU run on the tiny archive, writing into `folder`."""
     return [
         f"data.root={tree_archive}",
-        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.cache_dir={folder / 'cache'}",
         "data.val_size=20",
         "data.batch_size=16",
         "data.eval_batch_size=16",
         "trainer=cpu",
         "trainer.max_epochs=2",
         "trainer.log_every_n_steps=1",
-        f"output_dir={tmp_path / 'run'}",
+        f"output_dir={folder / 'run'}",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(tree_archive, tmp_path) -> list[str]:
+    """Overrides for a seconds-long CPU run on the tiny archive, writing into tmp_path."""
+    return tiny_run(tree_archive, tmp_path)
 
 
 @pytest.fixture(scope="session")

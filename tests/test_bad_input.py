@@ -18,7 +18,7 @@ from PIL import Image
 
 from cnnlab import UserError
 from cnnlab.train import train
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, tiny_run
 
 TABLE = ROOT / "docs" / "bad-input.md"
 
@@ -255,13 +255,21 @@ COMMAND_LINE = {
 }
 
 
+TRAINED: dict[str, Path] = {}  # the checkpoint the rows share
+
+
 class Case:
-    def __init__(self, tmp_path, monkeypatch, tree_archive, image_tree, tiny_overrides):
-        self.tmp_path, self.monkeypatch = tmp_path, monkeypatch
+    def __init__(self, tmp_path, monkeypatch, tree_archive, image_tree, tiny_overrides, tmp_path_factory):
+        self.tmp_path, self.monkeypatch, self.tmp_path_factory = tmp_path, monkeypatch, tmp_path_factory
         self.tree_archive, self.image_tree, self.tiny_overrides = tree_archive, image_tree, tiny_overrides
 
     def checkpoint(self) -> Path:
-        return trained_checkpoint([*self.tiny_overrides, f"output_dir={self.tmp_path / 'trained'}"], self.tmp_path)
+        """A trained run's best checkpoint, trained once for all the rows that need one (they only read it)."""
+        if "checkpoint" not in TRAINED:
+            folder = self.tmp_path_factory.mktemp("trained")
+            run = [*tiny_run(self.tree_archive, folder), f"output_dir={folder / 'trained'}"]
+            TRAINED["checkpoint"] = trained_checkpoint(run, folder)
+        return TRAINED["checkpoint"]
 
     def checkpoint_of_processes(self, processes: int) -> Path:
         """A checkpoint as a run of `processes` processes writes it (its batches' state says how many)."""
@@ -315,8 +323,10 @@ def test_predict_device_cuda_without_a_gpu():
 
 
 @pytest.mark.parametrize("row", list(IN_PROCESS))
-def test_bad_input_gets_the_tables_line(row, tmp_path, monkeypatch, tree_archive, image_tree, tiny_overrides):
-    case = Case(tmp_path, monkeypatch, tree_archive, image_tree, tiny_overrides)
+def test_bad_input_gets_the_tables_line(
+    row, tmp_path, monkeypatch, tree_archive, image_tree, tiny_overrides, tmp_path_factory
+):
+    case = Case(tmp_path, monkeypatch, tree_archive, image_tree, tiny_overrides, tmp_path_factory)
     overrides = [*tiny_overrides, *IN_PROCESS[row](case)]  # later overrides win
     with pytest.raises(UserError) as error:
         train(compose_config("train", overrides))

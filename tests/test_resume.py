@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cnnlab import UserError
 from cnnlab.resume import AtomicCheckpointIO
 from cnnlab.train import train
-from tests.conftest import ROOT, compose_config, with_root_on_path
+from tests.conftest import ROOT, compose_config, tiny_run, with_root_on_path
 
 STEPS_PER_EPOCH = 4
 # SGD + StepLR (the scheduler's position matters), 3 epochs, deterministic algorithms.
@@ -45,11 +45,12 @@ def results(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in naming}
 
 
-@pytest.fixture
-def reference(tiny_overrides, tmp_path) -> tuple[dict, Path]:
-    """The same run, never stopped."""
-    run = tmp_path / "reference"
-    return train(compose_config("train", [*tiny_overrides, *SETTINGS, f"output_dir={run}"])), run
+@pytest.fixture(scope="module")
+def reference(tree_archive, tmp_path_factory) -> tuple[dict, Path]:
+    """The same run, never stopped: trained once for the tests of this file, which only read it."""
+    folder = tmp_path_factory.mktemp("reference")
+    run = folder / "reference"
+    return train(compose_config("train", [*tiny_run(tree_archive, folder), *SETTINGS, f"output_dir={run}"])), run
 
 
 def start_paused(tiny_overrides: list[str], run: Path, step: int, extra=()) -> tuple[subprocess.Popen, Path]:
