@@ -1,4 +1,5 @@
-"""How a training process uses its machine: the memory it frees, and its own GPU in a sweep of parallel jobs."""
+"""How a training process uses its machine: the memory it frees, its own GPU in a sweep of parallel jobs, and whether
+its CPU computes bf16 natively."""
 
 import ctypes
 import sys
@@ -36,3 +37,23 @@ def share_the_machine(cfg) -> None:
     if torch.cuda.is_available() and trainer.accelerator in ("gpu", "cuda", "auto") and trainer.devices == 1:
         with open_dict(cfg):
             trainer.devices = [HydraConfig.get().job.num % torch.cuda.device_count()]
+
+
+def emulated_bf16(cfg) -> str | None:
+    """A warning, not a refusal: bf16 autocast on a CPU without native bf16 (AVX-512 BF16 or AMX) runs, emulated by
+    oneDNN, many times slower than fp32 (bench/precision_cost.py: 6–16× on an AVX2 AMD EPYC)."""
+    trainer = cfg.get("trainer")
+    if trainer is None or not str(trainer.get("precision")).startswith("bf16"):
+        return None
+    if trainer.get("accelerator") not in ("cpu", "auto") or torch.cuda.is_available():
+        return None
+    if native_bf16():
+        return None
+    return (f"warning: trainer.precision={trainer.precision} on a CPU without native bfloat16 (no AVX-512 BF16 or "
+            f"AMX: {torch.backends.cpu.get_cpu_capability()}) is emulated, many times slower than fp32; "
+            f"add precision=fp32 (the same accuracy)")  # fmt: skip
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN computes bf16 natively on this CPU (AVX-512 BF16, AMX), as torch itself asks."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -19,7 +19,7 @@ from cnnlab.console import result_lines
 from cnnlab.data.sources import follow_the_data
 from cnnlab.module import LitClassifier
 from cnnlab.pictures import top_confusions
-from cnnlab.process import keep_freed_memory, share_the_machine
+from cnnlab.process import emulated_bf16, keep_freed_memory, share_the_machine
 from cnnlab.provenance import log_metadata, run_metadata
 from cnnlab.quiet import quiet_libraries
 from cnnlab.search import ReportToTrial, trial_report
@@ -139,6 +139,8 @@ def train(cfg: DictConfig) -> dict | None:
     start = time.perf_counter()
     check(cfg)
     quiet_libraries(cfg.verbose)
+    if (slow := emulated_bf16(cfg)) and first_process():
+        log.warning(slow)
     resume_from, checkpoint = None, None
     if cfg.get("ckpt_path") is not None:
         resume_from = checkpoints.find_checkpoint(str(cfg.ckpt_path), cfg.outputs_root)
