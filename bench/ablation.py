@@ -14,6 +14,7 @@ between steps without sharing the cores). About two hours on 2 CPU cores. A benc
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -65,6 +66,12 @@ GREEDY = [
     ("19-crop4", "random crops with 4-pixel padding in place of 2", ["data.crop_padding=4"]),
     ("20-smoothing", "label smoothing 0.1", ["loss.label_smoothing=0.1"]),
 ]  # fmt: skip
+# Past experiment=best (issue 21): each lever alone on top of it, then together, each with seeds 0, 1, 2 (the
+# effects are of the size of the seeds' spread), into outputs/ablation/<step>/seed-<n>/; `--past-best` runs them.
+PAST_BEST = [
+    ("21-best", "experiment=best itself", []),
+    ("22-whitened", "conv1 initialised whitened (model.init=whitened)", ["model.init=whitened"]),
+]  # fmt: skip
 
 
 def key(override: str) -> str:
@@ -103,14 +110,14 @@ def plan() -> list[tuple[str, str, list[str], bool | None]]:
     return steps
 
 
-def run(step: str, overrides: list[str], data: str) -> bool:
-    folder = OUT / step
+def run(step: str, overrides: list[str], data: str, seed: int = 0, folder: Path | None = None) -> bool:
+    folder = folder or OUT / step
     while (OUT / "PAUSE").exists():
         time.sleep(5)
-    command = [sys.executable, str(ROOT / "src/train.py"), *overrides, f"data.root={data}", "seed=0",
+    command = [sys.executable, str(ROOT / "src/train.py"), *overrides, f"data.root={data}", f"seed={seed}",
                "callbacks.inside=null", f"hydra.run.dir={folder}"]  # fmt: skip
     print(f"{step}: {' '.join(command[1:])}", flush=True)
-    with open(OUT / f"{step}.log", "w") as log:
+    with open(folder.parent / f"{folder.name}.log" if folder != OUT / step else OUT / f"{step}.log", "w") as log:
         done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     if done.returncode != 0:
         print(f"{step}: failed (exit {done.returncode}), see {OUT / f'{step}.log'}", flush=True)
@@ -134,13 +141,56 @@ def table() -> str:
     return "\n".join(lines).replace(" %", " %").replace("% |", " % |")
 
 
+def past_best(data: str, seeds: list[int], extra: list[str], only: list[str] | None) -> None:
+    """Each PAST_BEST step for each seed not run yet, one after the other; `extra`: overrides for every run (e.g.
+    trainer.precision=32-true on a CPU without native bf16, where bf16 autocast is many times slower)."""
+    for step, _, lever in PAST_BEST:
+        for seed in seeds if only is None or step in only else []:
+            folder = OUT / step / f"seed-{seed}"
+            if (folder / "metrics.json").exists():
+                continue
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            if not run(step, ["experiment=best", "data.tta=flip_translate", *lever, *extra], data, seed, folder):
+                return
+
+
+def spread(runs: list[dict], name: str) -> str:
+    """Mean ± standard deviation of a metric over the seeds, in %."""
+    values = [100 * m[name] for m in runs if name in m]
+    if len(values) < 2:
+        return f"{values[0]:.2f} %" if values else "–"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} %"
+
+
+def past_best_table() -> str:
+    """Mean ± standard deviation over the seeds run, per step; TTA: flip + 1-pixel shifts (data.tta=flip_translate)."""
+    lines = ["| step | adds | seeds | best val acc | test acc | test acc, TTA (flip + shifts) | epochs | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for step, adds, _ in PAST_BEST:
+        runs = [json.loads(p.read_text()) for p in sorted((OUT / step).glob("seed-*/metrics.json"))]
+        if not runs:
+            continue
+        val, test, tta = (spread(runs, name) for name in ("val/acc_best", "test/acc", "test/acc_tta"))
+        wall = statistics.mean(m["wall_s"] for m in runs)
+        lines.append(f"| {step} | {adds} | {len(runs)} | {val} | {test} | {tta} | {runs[0]['epochs']} | {wall:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"))
     parser.add_argument("--only", nargs="+", help="run only these steps")
     parser.add_argument("--table", action="store_true", help="only print the table of the steps already run")
+    parser.add_argument("--past-best", action="store_true", help="the steps past experiment=best (21 on), 3 seeds")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="with --past-best")
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every --past-best run")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.past_best:
+        if not args.table:
+            past_best(args.data, args.seeds, args.extra, args.only)
+        print(past_best_table())
+        return
     names = [step for step, _, _ in FIXED + GREEDY]
     while not args.table:
         pending = [(s, o) for s, _, o, _ in plan() if val_acc(s) is None and (args.only is None or s in args.only)]

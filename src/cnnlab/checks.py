@@ -61,8 +61,8 @@ def the_network_follows_the_data(cfg) -> str | None:
 def mirrors_keep_the_class(cfg) -> str | None:
     data = cfg.get("data")
     if data is not None and data.get("tta") and not data.get("flip", True):
-        return (f"data.tta=true scores each test image with its mirror image, but data.flip=false says a mirrored "
-                f"image is not of its class (data={data.name}): leave data.tta=false")  # fmt: skip
+        return (f"data.tta={str(data.tta).lower()} scores each test image with its mirror image, but data.flip=false "
+                f"says a mirrored image is not of its class (data={data.name}): leave data.tta=false")  # fmt: skip
     return None
 
 
@@ -78,30 +78,31 @@ def crops_fit_the_image(cfg) -> str | None:
 
 def the_network_fits(cfg) -> str | None:
     """Its shapes fit its input (the formula, layer by layer), and training it, with a batch, fits in memory."""
-    from cnnlab.model import size_steps
+    from cnnlab.model import conv2_parameters, size_steps
 
     model = cfg.get("model")
     if model is None or model.image_size is None or model.num_classes is None:  # the data's: known once it is read
         return None
-    steps = size_steps(
-        model.image_size, model.conv1_kernel, model.conv2_kernel, model.stride, model.padding, model.pool_size
-    )  # fmt: skip  (raises the formula's own error line)
+    kernels = (model.conv1_kernel, model.conv2_kernel)  # size_steps raises the formula's own error line:
+    steps = size_steps(model.image_size, *kernels, model.stride, model.padding, model.pool_size)
     c1, c2, k1, k2 = model.conv1_channels, model.conv2_channels, model.conv1_kernel, model.conv2_kernel
-    flat = c2 * steps[-1].size_out ** 2
-    parameters = c1 * (model.in_channels * k1 * k1 + 1) + c2 * (c1 * k2 * k2 + 1)
-    parameters += (flat + 1) * model.num_classes
+    flat = c2 * steps[-1].size_out ** 2 + 1  # fc1's inputs, + its bias
+    expand = model.get("expand") or 0  # conv2 trained as a (k−1)×(k−1) conv to `expand` channels, then a 2×2 one
+    parameters = c1 * (model.in_channels * k1**2 + 1) + conv2_parameters(c1, c2, k2, expand) + flat * model.num_classes
     memory = machine_memory()
     if 16 * parameters > memory:  # weights, gradients and two optimizer states, 4 bytes each
-        keys = ("image_size", "in_channels", "conv1_channels", "conv2_channels", "num_classes", "padding")
+        keys = ("image_size", "in_channels", "conv1_channels", "conv2_channels", "num_classes", "padding", "expand")
         followed = {k for k in ("image_size", "num_classes") if OmegaConf.is_interpolation(model, k)}  # data.<key>
-        sizes = ", ".join(f"{'data' if key in followed else 'model'}.{key}={model[key]}" for key in keys)
+        sizes = ", ".join(f"{'data' if key in followed else 'model'}.{key}={model[key]}" for key in keys
+                          if model.get(key) is not None)  # fmt: skip
         return (f"model: the network would have {parameters:,} parameters ({sizes}), {16 * parameters / 2**30:,.1f} "
                 f"GiB to train, more than this machine's {memory / 2**30:,.1f} GiB: use fewer channels or a smaller "
                 f"image")  # fmt: skip
     data = cfg.get("data")
     if data is None:
         return None
-    per_image = 4 * (c1 * steps[0].size_out ** 2 + c2 * steps[2].size_out ** 2 + flat)  # the largest activations
+    per_image = 4 * (c1 * steps[0].size_out ** 2 + c2 * steps[2].size_out ** 2 + flat  # the largest maps; expanded:
+                     + expand * (steps[2].size_in + 2 * model.padding - k2 + 2) ** 2)  # fmt: skip
     for key, factor in (("batch_size", 3), ("eval_batch_size", 1)):  # training keeps them for the backward pass
         if data.get(key) is None:
             continue

@@ -149,7 +149,7 @@ SHOWN_CLASSES = 12  # on the console's per-class line; all of them are in metric
 
 def result_lines(metrics: dict) -> str:
     """The test's result in percent, two decimals, and the per-class accuracy worst first, on two lines."""
-    tta = f" (flip TTA {100 * metrics['test/acc_tta']:.2f} %)" if "test/acc_tta" in metrics else ""
+    tta = f" (TTA {100 * metrics['test/acc_tta']:.2f} %)" if "test/acc_tta" in metrics else ""
     best = metrics.get("val/acc_best")
     checkpoint = Path(metrics["best_checkpoint"]).name if metrics.get("best_checkpoint") else "the last weights"
     line = (f"test: {100 * metrics['test/acc']:.2f} % accuracy{tta}, loss {metrics['test/loss']:.4f}, "

@@ -15,6 +15,7 @@ from torch import nn
 
 from cnnlab import UserError, make, write_atomically, write_metrics
 from cnnlab.checks import check
+from cnnlab.data.tta import tta_logits, tta_mode
 from cnnlab.images import labelled_folder
 from cnnlab.pictures import confusion_figure, top_confusions
 from cnnlab.trained import Deployable, Model, load_model
@@ -77,9 +78,9 @@ def evaluation_set(
     return images, relabel[arrays.test_labels], classes
 
 
-def score(model: Model, images: np.ndarray, labels: np.ndarray, batch_size: int, tta: bool = False) -> dict:
+def score(model: Model, images: np.ndarray, labels: np.ndarray, batch_size: int, tta: bool | str = False) -> dict:
     """Accuracy, mean cross-entropy, per-class accuracy and the confusion matrix (rows: true, columns: predicted);
-    with `tta`, also test/acc_tta: each image scored with its mirror image, the mean of the two views' logits."""
+    with `tta` (data.tta), also test/acc_tta: the weighted mean of the logits of several views of each image."""
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
     def logits_of(images: np.ndarray) -> torch.Tensor:
@@ -90,9 +91,9 @@ def score(model: Model, images: np.ndarray, labels: np.ndarray, batch_size: int,
     logits = logits_of(images)
     target = torch.from_numpy(labels)
     flipped = {}
-    if tta:  # N×C×H×W: the last axis is the width
-        tta_logits = (logits + logits_of(np.ascontiguousarray(images[..., ::-1]))) / 2
-        flipped = {"test/acc_tta": float((tta_logits.argmax(1) == target).float().mean())}
+    if tta_mode(tta):
+        mean_logits = tta_logits(logits_of, images, tta_mode(tta), logits)
+        flipped = {"test/acc_tta": float((mean_logits.argmax(1) == target).float().mean())}
     confusion = multiclass_confusion_matrix(logits.argmax(1), target, len(model.classes))
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
     present = confusion.sum(1) > 0  # a labelled folder may hold only some of the classes

@@ -45,6 +45,36 @@ class SizeStep:
 
 
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+INITS = ("default", "whitened")
+WHITENING_EPS = 5e-4  # airbench's: keeps the scale of the faintest directions (λ → 0) finite
+
+
+@torch.no_grad()
+def whiten_(conv: nn.Conv2d, images: torch.Tensor, chunk: int = 500) -> None:
+    """Whitened initialisation (airbench, Page's cifar10-fast): conv's filters become the principal directions of
+    the image patches it sees, each scaled by 1/√(λ + ε), so its outputs start decorrelated with unit variance.
+
+    `images` are normalised training images, N×C×H×W. Each k×k patch is a vector of C·k·k numbers (27 for conv1
+    on colour images); the eigenvectors of their second-moment matrix, largest eigenvalue first, are the filters.
+    Each one is paired with its negative, so that the ReLU after the layer keeps both signs: 32 filters take the
+    16 strongest directions. Filters beyond 2·C·k·k keep their default initialisation; the biases start at 0.
+    """
+    out_channels, in_channels, kh, kw = conv.weight.shape
+    moment = torch.zeros(in_channels * kh * kw, in_channels * kh * kw, dtype=torch.float64, device=images.device)
+    count = 0
+    for start in range(0, len(images), chunk):  # N×C×H'×W'×kh×kw → one C·kh·kw vector per position
+        batch = images[start : start + chunk].to(torch.float64)
+        patches = batch.unfold(2, kh, conv.stride[0]).unfold(3, kw, conv.stride[1])
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, in_channels * kh * kw)
+        moment += patches.T @ patches
+        count += len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh((moment / count).cpu())  # ascending
+    strongest = eigenvalues.argsort(descending=True)[: (out_channels + 1) // 2]
+    filters = (eigenvectors[:, strongest] / (eigenvalues[strongest] + WHITENING_EPS).sqrt()).T  # one filter a row
+    filters = torch.stack([filters, -filters], 1).reshape(-1, in_channels, kh, kw)[:out_channels]  # v1, −v1, v2, …
+    conv.weight[: len(filters)] = filters.to(conv.weight)
+    if conv.bias is not None:
+        conv.bias.zero_()
 
 
 def size_steps(image_size: int, conv1_kernel: int, conv2_kernel: int, stride: int, padding: int,
@@ -71,6 +101,76 @@ def size_steps(image_size: int, conv1_kernel: int, conv2_kernel: int, stride: in
     return steps
 
 
+def conv2_parameters(in_channels: int, out_channels: int, kernel: int, expand: int | None) -> int:
+    """conv2's parameters as it trains: one k×k convolution, or (model.expand) a (k−1)×(k−1) and a 2×2 one."""
+    if not expand:
+        return out_channels * (in_channels * kernel * kernel + 1)
+    return expand * (in_channels * (kernel - 1) ** 2 + 1) + out_channels * (expand * 4 + 1)
+
+
+class ExpandedConv2d(nn.Sequential):
+    """A k×k convolution trained as two with nothing between them (ExpandNets, Guo et al., NeurIPS 2020): a
+    (k−1)×(k−1) convolution to `width` channels, then a 2×2 one. Two linear maps make one, so the pair computes
+    exactly what one k×k convolution can; it only gives training more parameters to find it with. `contracted()`
+    multiplies the pair back into the one k×k convolution: the network that is tested and saved is the slides'.
+
+    The padding is applied once, before the first; the stride is the second's: out = (in + 2·pad − k) / stride + 1,
+    as for the one k×k convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int, width: int):
+        super().__init__(
+            OrderedDict(
+                first=nn.Conv2d(in_channels, width, kernel - 1, padding=padding),
+                second=nn.Conv2d(width, out_channels, 2, stride=stride),
+            )
+        )
+        self.stride, self.padding = stride, padding
+
+    def contracted(self) -> nn.Conv2d:
+        weight, bias = contract(self.first.weight, self.first.bias, self.second.weight, self.second.bias)
+        conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[-1], stride=self.stride, padding=self.padding)
+        conv.to(weight.device, weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            conv.bias.copy_(bias)
+        return conv
+
+
+@torch.no_grad()
+def contract(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The one convolution that a (k−1)×(k−1) convolution (w1, b1) followed by a 2×2 one (w2, b2) computes:
+    y = w2 ⋆ (w1 ⋆ x + b1) + b2, so kernel[o, i, a + u, b + v] = Σ_m w2[o, m, a, b] · w1[m, i, u, v], and the first
+    bias passes through the second kernel's sum: bias = b2 + Σ_m (Σ_ab w2[o, m, a, b]) · b1[m]. In float64."""
+    dtype, w1, w2 = w1.dtype, w1.double(), w2.double()
+    inner = w1.shape[-1]
+    kernel = w1.new_zeros(w2.shape[0], w1.shape[1], inner + 1, inner + 1)
+    for a in range(2):
+        for b in range(2):
+            kernel[:, :, a : a + inner, b : b + inner] += torch.einsum("om,mihw->oihw", w2[:, :, a, b], w1)
+    bias = b2.double() + w2.sum((2, 3)) @ b1.double()
+    return kernel.to(dtype), bias.to(dtype)
+
+
+def contract_state(state: dict, prefix: str = "net.conv2.") -> tuple[dict, dict]:
+    """A state dict with an expanded conv2 → (the state dict with the one contracted conv2, the expanded entries)."""
+    expanded = {key: value for key, value in state.items() if key.startswith((prefix + "first.", prefix + "second."))}
+    if not expanded:
+        return state, {}
+    weight, bias = contract(*(expanded[prefix + name] for name in ("first.weight", "first.bias", "second.weight",
+                                                                   "second.bias")))  # fmt: skip
+    kept = {key: value for key, value in state.items() if key not in expanded}
+    return {**kept, prefix + "weight": weight, prefix + "bias": bias}, expanded
+
+
+def expand_state(state: dict, expanded: dict, prefix: str = "net.conv2.") -> dict:
+    """contract_state's inverse, for a resumed run that trains on in the expanded form."""
+    if not expanded:
+        return state
+    return {**{key: value for key, value in state.items() if key not in (prefix + "weight", prefix + "bias")},
+            **expanded}  # fmt: skip
+
+
 class SlideCNN(nn.Sequential):
     """conv · ReLU · pool · conv · ReLU · pool · dropout · fc, with every size taken from the config.
 
@@ -92,9 +192,17 @@ class SlideCNN(nn.Sequential):
         pool_size: int,
         dropout: float,
         channels_last: bool = False,
+        init: str = "default",  # (defaults for checkpoints saved before these keys: conf/model has them all)
+        conv1_frozen: bool = False,
+        expand: int | None = None,
     ):
         if pool not in POOLS:
             raise UserError(f"model.pool={pool!r} is not a pooling layer: use one of {sorted(POOLS)}")
+        if expand and conv2_kernel < 2:
+            raise UserError(f"model.expand={expand} trains conv2 as a (k−1)×(k−1) and a 2×2 convolution, which needs "
+                            f"model.conv2_kernel ≥ 2 (it is {conv2_kernel}): leave model.expand=null")  # fmt: skip
+        if init not in INITS:
+            raise UserError(f"model.init={init!r} is not an initialisation: use one of {list(INITS)}")
         steps = size_steps(image_size, conv1_kernel, conv2_kernel, stride, padding, pool_size)
         size = steps[-1].size_out
         super().__init__(
@@ -102,7 +210,9 @@ class SlideCNN(nn.Sequential):
                 conv1=nn.Conv2d(in_channels, conv1_channels, conv1_kernel, stride=stride, padding=padding),
                 relu1=nn.ReLU(),
                 pool1=POOLS[pool](pool_size),
-                conv2=nn.Conv2d(conv1_channels, conv2_channels, conv2_kernel, stride=stride, padding=padding),
+                conv2=nn.Conv2d(conv1_channels, conv2_channels, conv2_kernel, stride=stride, padding=padding)
+                if not expand
+                else ExpandedConv2d(conv1_channels, conv2_channels, conv2_kernel, stride, padding, expand),
                 relu2=nn.ReLU(),
                 pool2=POOLS[pool](pool_size),
                 flatten=nn.Flatten(),
@@ -117,6 +227,21 @@ class SlideCNN(nn.Sequential):
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        self.init = init
+        self.conv1.weight.requires_grad_(not conv1_frozen)  # frozen: conv1's filters stay as initialised
+
+    def contract(self) -> None:
+        """An expanded conv2 (model.expand) becomes the one convolution it computes: the slides' network again."""
+        if isinstance(self.conv2, ExpandedConv2d):
+            self.conv2 = self.conv2.contracted()
+            if self.channels_last:
+                self.conv2.to(memory_format=torch.channels_last)
+
+    def initialise(self, train_images: torch.Tensor) -> None:
+        """The initialisations that need the data, before training (LitClassifier.setup): model.init=whitened
+        computes conv1's filters from a sample of normalised training images."""
+        if self.init == "whitened":
+            whiten_(self.conv1, train_images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

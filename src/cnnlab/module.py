@@ -10,8 +10,12 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cnnlab import UserError
+from cnnlab.data.tta import tta_logits, tta_mode
+from cnnlab.model import contract_state, expand_state
 from cnnlab.pictures import confusion_figure
 from cnnlab.tracking import PICTURE_LOGGERS, log_picture, tracker_runs
+
+INITIALISATION_IMAGES = 5000  # airbench's sample for its whitened first layer
 
 
 def per_step(scheduler: Callable) -> bool:
@@ -35,7 +39,7 @@ class LitClassifier(LightningModule):
         num_classes: int = 10,
         model_config: dict | None = None,  # the config that built `net` (plain data), kept in checkpoints
         criterion: nn.Module | None = None,  # the training loss; None: nn.CrossEntropyLoss()
-        tta: bool = False,  # the test also scores each image with its mirror image: test/acc_tta
+        tta: bool | str = False,  # the test also scores views of each image (cnnlab.data.tta): test/acc_tta
         run: dict | None = None,  # what checkpoints keep of the run (cnnlab.train.run_record), plain data
     ):
         super().__init__()
@@ -70,6 +74,14 @@ class LitClassifier(LightningModule):
                 f"the data has {len(classes)} classes, model.num_classes={self.hparams.num_classes}: "
                 f"set model.num_classes={len(classes)}"
             )
+        splits = getattr(self.trainer.datamodule, "splits", None)
+        if stage == "fit" and splits and hasattr(self.net, "initialise"):
+            # Initialisations computed from the data (model.init=whitened), from a sample of the training split drawn
+            # with the run's seed: the same on every process. A resumed run's weights then come from its checkpoint.
+            datamodule, images = self.trainer.datamodule, splits["train"][0]
+            generator = torch.Generator().manual_seed(datamodule.hparams.seed)
+            sample = torch.randperm(len(images), generator=generator)[:INITIALISATION_IMAGES].to(images.device)
+            self.net.initialise(datamodule.normalize(images[sample]))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
@@ -101,11 +113,8 @@ class LitClassifier(LightningModule):
     def test_step(self, batch, batch_idx):
         logits = self.eval_step(batch, "test")  # test/acc stays single-view, comparable with every other run
         self.test_confusion.update(logits, batch[1])
-        if self.hparams.tta:
-            # Test-time augmentation: a mirrored CIFAR image is as likely as the image itself (training flips
-            # them), so the mean of the two views' logits is a better guess than either alone.
-            tta_logits = (logits + self(batch[0].flip(3))) / 2  # flip(3): the width axis of B×C×H×W
-            self.accuracy["test_tta"].update(tta_logits, batch[1])
+        if tta_mode(self.hparams.tta):  # test-time augmentation: the weighted mean of several views' logits
+            self.accuracy["test_tta"].update(tta_logits(self, batch[0], tta_mode(self.hparams.tta), logits), batch[1])
             self.log("test/acc_tta", self.accuracy["test_tta"])
 
     def on_test_epoch_end(self) -> None:
@@ -136,7 +145,18 @@ class LitClassifier(LightningModule):
             self.log("train/acc", correct / images, sync_dist=True)
         self.train_sums, self.train_images = torch.zeros(2, device=self.device), 0
 
+    def on_fit_end(self) -> None:
+        # model.expand: the expanded conv2 becomes the one convolution it computes, so that the test (and all that
+        # loads the checkpoints: eval, predict, export) sees the slides' network
+        if hasattr(self.net, "contract"):
+            self.net.contract()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint holds the slides' network: an expanded conv2 contracted into one, its two factors kept
+        # beside the weights for a resumed run, which trains on with them (on_load_checkpoint)
+        checkpoint["state_dict"], expanded = contract_state(checkpoint["state_dict"])
+        if expanded:
+            checkpoint["expanded_conv2"] = expanded
         checkpoint["train_sums"] = {"sums": self.train_sums.cpu(), "images": self.train_images}
         checkpoint["trackers"] = tracker_runs(self.loggers)  # a resumed run continues its MLflow / W&B run
         datamodule = self.trainer.datamodule
@@ -144,7 +164,7 @@ class LitClassifier(LightningModule):
             # What it takes to rebuild the network and feed it, as plain data: eval, predict and export need no
             # other flags (cnnlab.trained.load_model).
             checkpoint["cnnlab"] = {
-                "model": self.hparams.model_config,
+                "model": contracted_config(self.hparams.model_config),
                 "input_shape": list(self.net.input_shape),
                 "mean": list(datamodule.mean),  # the normalisation's, computed from the data where not configured
                 "std": list(datamodule.std),
@@ -153,6 +173,8 @@ class LitClassifier(LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "net.conv2.first.weight" in self.state_dict():  # an expanded conv2 still training: a resumed run
+            checkpoint["state_dict"] = expand_state(checkpoint["state_dict"], checkpoint.get("expanded_conv2", {}))
         if "train_sums" in checkpoint:
             self.train_sums, self.train_images = checkpoint["train_sums"]["sums"], checkpoint["train_sums"]["images"]
 
@@ -179,6 +201,11 @@ class LitClassifier(LightningModule):
                                 f"or an optimizer option with a per-epoch schedule") from None  # fmt: skip
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer=optimizer)}  # stepped each epoch
+
+
+def contracted_config(model_config: dict) -> dict:
+    """The config of the network a checkpoint holds: an expanded conv2 (model.expand) is saved contracted."""
+    return {**model_config, "expand": None} if model_config.get("expand") else model_config
 
 
 def per_class_chart(accuracy: dict[str, float]):

@@ -23,6 +23,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 
 from cnnlab import UserError, write_atomically
 from cnnlab.checkpoints import LAST
+from cnnlab.model import expand_state
 from cnnlab.module import per_step
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def check_shapes(module: LightningModule, checkpoint: dict, path: Path) -> None:
     """Refuse a checkpoint of another network before Lightning loads it (and fails with a long traceback)."""
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    saved = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
+    state = checkpoint["state_dict"]
+    if "net.conv2.first.weight" in expected:  # model.expand: the factors of conv2 kept beside its contracted form
+        state = expand_state(state, checkpoint.get("expanded_conv2", {}))
+    saved = {name: tuple(t.shape) for name, t in state.items()}
     differ = [
         f"{name} {saved[name]} vs {expected[name]} here"
         for name in expected

@@ -1,0 +1,152 @@
+"""The levers past experiment=best (issue 21): test-time views, the whitened first layer, the expanded conv2."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cnnlab.data.batches import TensorBatches
+from cnnlab.data.tta import shifted, tta_logits
+from cnnlab.evaluate import evaluate
+from cnnlab.model import SlideCNN, expand_state, whiten_
+from cnnlab.module import INITIALISATION_IMAGES, LitClassifier
+from cnnlab.train import build, train
+from tests.conftest import compose_config
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    net.input_shape = (3, 8, 8)
+    return net
+
+
+def airbench_tta(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """airbench's infer_mirror_translate, written with torch's own reflect padding."""
+
+    def mirror(views):
+        return (net(views) + net(views.flip(3))) / 2
+
+    padded = F.pad(images, (1,) * 4, mode="reflect")
+    size = images.shape[-1]
+    return 0.5 * mirror(images) + 0.25 * (mirror(padded[..., :size, :size]) + mirror(padded[..., 2:, 2:]))
+
+
+def test_a_one_pixel_shift_reflects_at_the_border_as_a_reflect_padded_crop_does():
+    row = torch.arange(6.0).view(1, 1, 1, 6)
+    padded = F.pad(row, (1, 1, 0, 0), mode="reflect")[0, 0, 0]
+    assert shifted(6, 1) == padded[:6].long().tolist() == [1, 0, 1, 2, 3, 4]
+    assert shifted(6, -1) == padded[2:].long().tolist() == [1, 2, 3, 4, 5, 4]
+
+
+@torch.no_grad()
+def test_flip_translate_is_airbench_weighting_of_six_views_on_tensors_and_on_arrays():
+    net, images = small_net(), torch.randn(7, 3, 8, 8)
+    expected = airbench_tta(net, images)
+    assert torch.allclose(tta_logits(net, images, "flip_translate"), expected, atol=1e-6)
+    as_arrays = tta_logits(lambda a: net(torch.from_numpy(np.ascontiguousarray(a))), images.numpy(), "flip_translate")
+    assert torch.allclose(as_arrays, expected, atol=1e-6)  # eval.py's path: numpy batches
+    flip = tta_logits(net, images, "flip", logits=net(images))
+    assert torch.allclose(flip, (net(images) + net(images.flip(3))) / 2, atol=1e-6)
+
+
+def test_the_runs_test_scores_the_flip_translate_views(tmp_path):
+    net, images = small_net(), torch.randn(12, 3, 8, 8)
+    with torch.no_grad():
+        expected, plain = airbench_tta(net, images).argmax(1), net(images).argmax(1)
+    labels = expected.clone()
+    labels[plain == expected] = (expected[plain == expected] + 1) % 5  # where the views decide, TTA is right
+    module = LitClassifier(net, num_classes=5, tta="flip_translate")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    tested = trainer.test(module, dataloaders=TensorBatches(images, labels, batch_size=4, shuffle=False))[0]
+    agree = float((expected == labels).float().mean())
+    assert tested["test/acc_tta"] == pytest.approx(agree) and agree > 0
+    assert tested["test/acc"] == pytest.approx(float((plain == labels).float().mean()))
+
+
+@torch.no_grad()
+def test_whitened_filters_decorrelate_the_patches_with_unit_variance_in_sign_pairs():
+    torch.manual_seed(0)
+    smooth = F.avg_pool2d(F.pad(torch.randn(300, 3, 10, 10), (1,) * 4, mode="reflect"), 3, 1)  # correlated pixels
+    images = 3 * smooth + 0.5
+    conv = nn.Conv2d(3, 32, 3)
+    whiten_(conv, images)
+    assert torch.equal(conv.weight[0::2], -conv.weight[1::2]) and not conv.bias.any()
+    outputs = F.conv2d(images, conv.weight[0::2]).permute(0, 2, 3, 1).reshape(-1, 16)
+    moment = outputs.T @ outputs / len(outputs)  # the second moment of the 16 directions' outputs
+    assert torch.allclose(moment, torch.eye(16), atol=2e-3)
+    directions = F.normalize(conv.weight[0::2].flatten(1), dim=1).view(16, 3, 3, 3)
+    strength = (F.conv2d(images, directions) ** 2).mean((0, 2, 3))  # the patches' variance along each direction
+    assert torch.equal(strength, strength.sort(descending=True).values)  # the strongest directions first
+
+
+def test_a_run_whitens_conv1_from_its_training_split_and_a_frozen_conv1_keeps_it(tiny_overrides, tmp_path):
+    overrides = [*tiny_overrides, "model.init=whitened", "model.conv1_frozen=true", "seed=3"]
+    metrics = train(compose_config("train", overrides))
+    trained = torch.load(metrics["best_checkpoint"], weights_only=True)["state_dict"]
+    datamodule, _, _ = build(compose_config("train", overrides))
+    datamodule.setup("fit")
+    images = datamodule.splits["train"][0]
+    sample = torch.randperm(len(images), generator=torch.Generator().manual_seed(3))[:INITIALISATION_IMAGES]
+    by_hand = nn.Conv2d(3, 32, 3)
+    whiten_(by_hand, datamodule.normalize(images[sample]))
+    assert torch.allclose(trained["net.conv1.weight"], by_hand.weight, atol=1e-6)  # frozen: as initialised
+    assert trained["net.conv1.bias"].abs().sum() > 0  # its biases trained from 0
+    default = train(compose_config("train", [*tiny_overrides, "model.conv1_frozen=true", "seed=3",
+                                             f"output_dir={tmp_path / 'default'}"]))  # fmt: skip
+    kept = torch.load(default["best_checkpoint"], weights_only=True)["state_dict"]["net.conv1.weight"]
+    assert not torch.allclose(kept, by_hand.weight, atol=1e-3)  # model.init=default: PyTorch's own
+
+
+@pytest.mark.parametrize(("stride", "padding", "channels_last"), [(1, 0, False), (1, 1, True), (2, 1, False)])
+@torch.no_grad()
+def test_an_expanded_conv2_contracts_into_one_kernel_with_the_same_outputs(stride, padding, channels_last):
+    torch.manual_seed(0)
+    settings = (3, 32, 10, 32, 3, 64, 4, stride, padding, "max", 2, 0.0, channels_last)
+    net = SlideCNN(*settings, expand=128).double().eval()
+    plain = sum(p.numel() for p in SlideCNN(*settings).parameters())
+    images = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    expanded = net(images)
+    assert sum(p.numel() for p in net.parameters()) > plain
+    net.contract()
+    assert isinstance(net.conv2, nn.Conv2d) and net.conv2.weight.shape == (64, 32, 4, 4)
+    assert sum(p.numel() for p in net.parameters()) == plain  # 56,778 for the slides' settings
+    assert torch.allclose(net(images), expanded, atol=1e-12, rtol=0)  # float64: exact but for rounding
+    assert net.conv2.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_an_expanded_run_saves_tests_and_resumes_the_slides_network(tiny_overrides, tmp_path):
+    settings = [*tiny_overrides, "model.expand=8", "optimizer=sgd_steplr", "trainer.max_epochs=2",
+                "trainer.deterministic=true", "model.dropout=0"]  # fmt: skip
+    metrics = train(compose_config("train", [*settings, f"output_dir={tmp_path / 'whole'}"]))
+    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
+    state = checkpoint["state_dict"]
+    assert state["net.conv2.weight"].shape == (64, 32, 4, 4) and not any(".first." in key for key in state)
+    assert sum(v.numel() for k, v in state.items() if k.startswith("net.")) == 56_778
+    # the saved kernel is what the saved factors compute together
+    datamodule, module, _ = build(compose_config("train", settings))
+    module.load_state_dict(expand_state(state, checkpoint["expanded_conv2"]))
+    datamodule.setup("test")
+    images = datamodule.normalize(datamodule.splits["test"][0])
+    module.eval()
+    with torch.no_grad():
+        expanded_logits = module(images)
+        module.net.contract()
+        assert torch.allclose(module(images), expanded_logits, atol=1e-5)
+    evaluated = evaluate(compose_config("eval", [f"ckpt_path={metrics['best_checkpoint']}", *tiny_overrides[:2],
+                                                 f"output_dir={tmp_path / 'eval'}"]))  # fmt: skip
+    assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)  # the run tested the contracted net
+    # stopped after epoch 1 and resumed: the same weights as the run never stopped
+    stopped = tmp_path / "stopped"
+    train(compose_config("train", [*settings, "trainer.max_epochs=1", f"output_dir={stopped}"]))
+    train(
+        compose_config("train", [*settings, f"output_dir={stopped}", f"ckpt_path={stopped / 'checkpoints/last.ckpt'}"])
+    )
+    resumed = torch.load(stopped / "checkpoints/last.ckpt", weights_only=True)
+    whole = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
+    for key, value in whole["expanded_conv2"].items():
+        assert torch.equal(resumed["expanded_conv2"][key], value), key
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in whole["state_dict"].items())
