@@ -125,6 +125,8 @@ IN_PROCESS = {
     "`model.image_size` that `data.image_size` contradicts (`model.image_size=28`)": lambda t: ["model.image_size=28"],
     "`data.num_classes` that the data contradicts (`data.num_classes=7`)": lambda t: ["data.num_classes=7"],
     "mirrored test images for digits (`data=mnist data.tta=true`)": lambda t: ["data=mnist", "data.tta=true"],
+    "a teacher without its checkpoints (`teacher=checkpoints`)": lambda t: ["teacher=checkpoints"],
+    "a teacher's checkpoint that is not there": lambda t: ["teacher=checkpoints", "teacher.checkpoints=[nowhere.ckpt]"],
     "an expanded conv2 of kernel 1 (`model.expand=64 model.conv2_kernel=1`)": lambda t: [
         "model.expand=64",
         "model.conv2_kernel=1",

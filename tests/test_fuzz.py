@@ -42,6 +42,7 @@ CONFIGS = {  # a name → (config, overrides): every option of the groups whose 
     "train callbacks=ema logger=[tensorboard,csv]": ("train", ["callbacks=ema", "logger=[tensorboard,csv]"]),
     "train trainer=ddp": ("train", ["trainer=ddp"]),
     "train logger=[mlflow,wandb]": ("train", ["logger=[mlflow,wandb]"]),
+    "train teacher=checkpoints": ("train", ["teacher=checkpoints"]),
     "lr_find": ("lr_find", []),  # train's config and the finder's keys
     "eval": ("eval", []),
     "predict": ("predict", []),
@@ -66,6 +67,9 @@ def base_overrides(name: str, tree_archive: Path, tmp_path: Path) -> list[str]:
         overrides += [f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}"]
     if config in ("train", "lr_find", "eval"):
         overrides += [f"output_dir={tmp_path / 'run'}"]
+    if "teacher=" in name:  # a file where the teacher's checkpoint would be: it is loaded only when a fit starts
+        (tmp_path / "teacher.ckpt").touch()
+        overrides += [f"teacher.checkpoints=[{tmp_path / 'teacher.ckpt'}]"]
     return overrides
 
 

@@ -9,11 +9,13 @@ from torch.nn import functional as F
 
 from cnnlab.data.batches import TensorBatches
 from cnnlab.data.tta import shifted, tta_logits
+from cnnlab.distill import distillation_loss
 from cnnlab.evaluate import evaluate
 from cnnlab.model import SlideCNN, expand_state, whiten_
 from cnnlab.module import INITIALISATION_IMAGES, LitClassifier
 from cnnlab.train import build, train
-from tests.conftest import compose_config
+from cnnlab.trained import deployable_from_checkpoint
+from tests.conftest import compose_config, tiny_run
 
 
 def small_net() -> nn.Module:
@@ -150,3 +152,58 @@ def test_an_expanded_run_saves_tests_and_resumes_the_slides_network(tiny_overrid
     for key, value in whole["expanded_conv2"].items():
         assert torch.equal(resumed["expanded_conv2"][key], value), key
     assert all(torch.equal(resumed["state_dict"][k], v) for k, v in whole["state_dict"].items())
+
+
+def test_the_distillation_loss_is_hintons():
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    hard = F.cross_entropy(student, labels)
+    t, w = 3.0, 0.7
+    p_teacher = torch.softmax(teacher / t, 1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(student / t, 1))).sum(1).mean()
+    assert torch.allclose(distillation_loss(student, teacher, hard, t, w), (1 - w) * hard + w * t * t * kl)
+    assert torch.allclose(distillation_loss(student, student, hard, t, 1.0), torch.tensor(0.0), atol=1e-6)
+    assert torch.equal(distillation_loss(student, teacher, hard, t, 0.0), hard)
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tree_archive, tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("teacher")
+    return train(compose_config("train", tiny_run(tree_archive, folder)))["best_checkpoint"]
+
+
+def test_a_run_with_a_teacher_trains_on_the_distillation_loss_of_the_same_pixels(
+    tiny_overrides, teacher_checkpoint, tmp_path
+):
+    # the student normalises otherwise than the teacher did: the teacher must still see the same pixels
+    settings = [
+        *tiny_overrides,
+        "teacher=checkpoints",
+        f"teacher.checkpoints=[{teacher_checkpoint},{teacher_checkpoint}]",
+        "teacher.temperature=2",
+        "teacher.weight=0.6",
+        "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.25,0.25,0.25]",
+    ]
+    datamodule, module, trainer = build(compose_config("train", settings))
+    datamodule.setup("fit")
+    trainer.datamodule = datamodule  # as fit() sets it
+    module.trainer = trainer
+    module.log = lambda *args, **kwargs: None  # no loop to log into outside a fit
+    module.on_fit_start()
+    images, labels = datamodule.splits["train"][0][:16], datamodule.splits["train"][1][:16]
+    x = datamodule.normalize(images)
+    member, _ = deployable_from_checkpoint(torch.load(teacher_checkpoint, weights_only=True), teacher_checkpoint)
+    with torch.no_grad():
+        assert torch.allclose(module.teachers[0](x), member(images), atol=1e-5)  # an ensemble of one net, twice
+        module.eval()  # no dropout: the same student logits twice
+        expected = distillation_loss(module(x), member(images), F.cross_entropy(module(x), labels), 2.0, 0.6)
+        assert torch.allclose(module.training_step((x, labels), 0), expected, atol=1e-6)
+    # a whole run: the teacher loads when the fit starts, and the same seed trains to other weights than without it
+    plain = train(
+        compose_config("train", [*tiny_overrides, "trainer.max_epochs=1", f"output_dir={tmp_path / 'plain'}"])
+    )
+    taught = train(compose_config("train", [*settings, "trainer.max_epochs=1", f"output_dir={tmp_path / 'taught'}"]))
+    weights = [torch.load(m["best_checkpoint"], weights_only=True)["state_dict"] for m in (plain, taught)]
+    assert not torch.equal(weights[0]["net.fc1.weight"], weights[1]["net.fc1.weight"])
+    assert not any(key.startswith("teacher") for key in weights[1])  # the teacher is not saved with the student

@@ -103,6 +103,11 @@ def numbers(low=None, high=None, *, above=None, below=None) -> Domain:
     )  # fmt: skip
 
 
+def texts() -> Domain:
+    return Domain("a list of non-empty texts, e.g. [a.ckpt,b.ckpt]", lambda v: isinstance(v, list) and len(v) > 0
+                  and all(isinstance(x, str) and x.strip() for x in v))  # fmt: skip
+
+
 def signal_names() -> Domain:
     import signal
 
@@ -123,7 +128,7 @@ KEY = re.compile(r"^( *)([A-Za-z_]\w*):")  # a key of a YAML mapping, with its i
 DECLARED = " # ∈ "
 CONSTRUCTORS = {"integer": integer, "number": number, "boolean": boolean, "one_of": one_of, "text": text,
                 "null": null, "numbers": numbers, "signal_names": signal_names, "device_numbers": device_numbers,
-                "url": url, "METRICS": METRICS}  # fmt: skip
+                "url": url, "texts": texts, "METRICS": METRICS}  # fmt: skip
 
 
 def package(path: Path, conf: Path) -> str | None:

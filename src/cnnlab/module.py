@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from cnnlab import UserError
 from cnnlab.data.tta import tta_logits, tta_mode
+from cnnlab.distill import distillation_loss, load_teacher
 from cnnlab.model import contract_state, expand_state
 from cnnlab.pictures import confusion_figure
 from cnnlab.tracking import PICTURE_LOGGERS, log_picture, tracker_runs
@@ -41,12 +42,14 @@ class LitClassifier(LightningModule):
         criterion: nn.Module | None = None,  # the training loss; None: nn.CrossEntropyLoss()
         tta: bool | str = False,  # the test also scores views of each image (cnnlab.data.tta): test/acc_tta
         run: dict | None = None,  # what checkpoints keep of the run (cnnlab.train.run_record), plain data
+        teacher: dict | None = None,  # conf/teacher: checkpoints, temperature, weight (cnnlab.distill)
     ):
         super().__init__()
         # Checkpoints keep num_classes and the model's config as plain data (no pickled classes); the network
         # is rebuilt from that config (cnnlab.trained), the optimizer from the run's.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "criterion"], logger=False)
         self.net = net
+        self.teachers: list = []  # the teacher, loaded when the fit starts; in a list: not trained, not saved
         self.optimizer, self.scheduler = optimizer, scheduler
         # Training minimises `criterion` (e.g. CrossEntropyLoss(label_smoothing=0.1)); val/loss and test/loss are
         # the plain cross-entropy whatever it is, so runs with different losses compare.
@@ -90,6 +93,9 @@ class LitClassifier(LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
+        if self.teachers:  # distillation: the teacher's outputs for this very (augmented) batch
+            teacher = self.hparams.teacher
+            loss = distillation_loss(logits, self.teachers[0](images), loss, teacher["temperature"], teacher["weight"])
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).sum()
             self.train_sums += torch.stack((loss * len(labels), correct.to(loss.dtype)))
@@ -144,6 +150,13 @@ class LitClassifier(LightningModule):
             self.log("train/loss_epoch", loss_sum / images, sync_dist=True)  # already summed: the same everywhere
             self.log("train/acc", correct / images, sync_dist=True)
         self.train_sums, self.train_images = torch.zeros(2, device=self.device), 0
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if self.hparams.teacher and not self.teachers and datamodule is not None:
+            teacher = load_teacher(self.hparams.teacher["checkpoints"], datamodule.mean, datamodule.std,
+                                   datamodule.classes, self.net.input_shape)  # fmt: skip
+            self.teachers = [teacher.to(self.device)]
 
     def on_fit_end(self) -> None:
         # model.expand: the expanded conv2 becomes the one convolution it computes, so that the test (and all that

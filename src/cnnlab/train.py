@@ -50,6 +50,7 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
         criterion=make(cfg.loss) if cfg.get("loss") else None,
         tta=cfg.data.get("tta", False),
         run=run_record(cfg),
+        teacher=OmegaConf.to_container(cfg.teacher, resolve=True) if cfg.get("teacher") else None,
     )
     # A callback or logger set to null (callbacks.inside=null) is left out.
     loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values() if c is not None]
