@@ -14,6 +14,7 @@ between steps without sharing the cores). About two hours on 2 CPU cores. A benc
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -71,7 +72,22 @@ GREEDY = [
 PAST_BEST = [
     ("21-best", "experiment=best itself", []),
     ("22-whitened", "conv1 initialised whitened (model.init=whitened)", ["model.init=whitened"]),
+    ("23-expand64", "conv2 trained as 3×3 to 64 channels + 2×2, contracted after training (model.expand=64)",
+     ["model.expand=64"]),
+    # {best:<step>}: the best checkpoints of that step's seeds (its metrics.json), the teacher's members
+    ("24-distill-22", "distillation (T 4, weight 0.9) from the 22-whitened runs (an ensemble of its seeds)",
+     ["model.init=whitened", "teacher=checkpoints", "teacher.checkpoints=[{best:22-whitened}]"]),
 ]  # fmt: skip
+
+
+def teachers_of(overrides: list[str]) -> list[str]:
+    """{best:<step>} in an override → the best checkpoints of that step's seeds run so far."""
+
+    def best_of(match: re.Match) -> str:
+        runs = sorted((OUT / match.group(1)).glob("seed-*/metrics.json"))
+        return ",".join(json.loads(path.read_text())["best_checkpoint"] for path in runs)
+
+    return [re.sub(r"\{best:([\w-]+)\}", best_of, override) for override in overrides]
 
 
 def key(override: str) -> str:
@@ -150,7 +166,8 @@ def past_best(data: str, seeds: list[int], extra: list[str], only: list[str] | N
             if (folder / "metrics.json").exists():
                 continue
             folder.parent.mkdir(parents=True, exist_ok=True)
-            if not run(step, ["experiment=best", "data.tta=flip_translate", *lever, *extra], data, seed, folder):
+            overrides = teachers_of(["experiment=best", "data.tta=flip_translate", *lever, *extra])
+            if not run(step, overrides, data, seed, folder):
                 return
 
 

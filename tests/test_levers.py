@@ -97,10 +97,14 @@ def test_a_run_whitens_conv1_from_its_training_split_and_a_frozen_conv1_keeps_it
     whiten_(by_hand, datamodule.normalize(images[sample]))
     assert torch.allclose(trained["net.conv1.weight"], by_hand.weight, atol=1e-6)  # frozen: as initialised
     assert trained["net.conv1.bias"].abs().sum() > 0  # its biases trained from 0
-    default = train(compose_config("train", [*tiny_overrides, "model.conv1_frozen=true", "seed=3",
-                                             f"output_dir={tmp_path / 'default'}"]))  # fmt: skip
-    kept = torch.load(default["best_checkpoint"], weights_only=True)["state_dict"]["net.conv1.weight"]
-    assert not torch.allclose(kept, by_hand.weight, atol=1e-3)  # model.init=default: PyTorch's own
+    datamodule, module, trainer = build(compose_config("train", [*tiny_overrides, "seed=3"]))  # model.init=default
+    datamodule.setup("fit")
+    trainer.datamodule, module.trainer = datamodule, trainer  # as fit() sets them
+    built = module.net.conv1.weight.clone()
+    module.setup("fit")
+    kept = module.net.conv1.weight
+    assert torch.equal(kept, built)  # PyTorch's own initialisation, left as it was
+    assert not torch.allclose(kept, by_hand.weight, atol=1e-3)
 
 
 @pytest.mark.parametrize(("stride", "padding", "channels_last"), [(1, 0, False), (1, 1, True), (2, 1, False)])
@@ -176,15 +180,10 @@ def test_a_run_with_a_teacher_trains_on_the_distillation_loss_of_the_same_pixels
     tiny_overrides, teacher_checkpoint, tmp_path
 ):
     # the student normalises otherwise than the teacher did: the teacher must still see the same pixels
-    settings = [
-        *tiny_overrides,
-        "teacher=checkpoints",
-        f"teacher.checkpoints=[{teacher_checkpoint},{teacher_checkpoint}]",
-        "teacher.temperature=2",
-        "teacher.weight=0.6",
-        "data.mean=[0.5,0.5,0.5]",
-        "data.std=[0.25,0.25,0.25]",
-    ]
+    normalisation = [*tiny_overrides, "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
+    teacher = ["teacher=checkpoints", f"teacher.checkpoints=[{teacher_checkpoint},{teacher_checkpoint}]",
+               "teacher.temperature=2", "teacher.weight=0.6"]  # fmt: skip
+    settings = [*normalisation, *teacher]
     datamodule, module, trainer = build(compose_config("train", settings))
     datamodule.setup("fit")
     trainer.datamodule = datamodule  # as fit() sets it
@@ -200,10 +199,9 @@ def test_a_run_with_a_teacher_trains_on_the_distillation_loss_of_the_same_pixels
         expected = distillation_loss(module(x), member(images), F.cross_entropy(module(x), labels), 2.0, 0.6)
         assert torch.allclose(module.training_step((x, labels), 0), expected, atol=1e-6)
     # a whole run: the teacher loads when the fit starts, and the same seed trains to other weights than without it
-    plain = train(
-        compose_config("train", [*tiny_overrides, "trainer.max_epochs=1", f"output_dir={tmp_path / 'plain'}"])
-    )
-    taught = train(compose_config("train", [*settings, "trainer.max_epochs=1", f"output_dir={tmp_path / 'taught'}"]))
+    runs = {"plain": normalisation, "taught": settings}  # the same normalisation, with a teacher or without
+    plain, taught = (train(compose_config("train", [*runs[name], "trainer.max_epochs=1",
+                                                    f"output_dir={tmp_path / name}"])) for name in runs)  # fmt: skip
     weights = [torch.load(m["best_checkpoint"], weights_only=True)["state_dict"] for m in (plain, taught)]
     assert not torch.equal(weights[0]["net.fc1.weight"], weights[1]["net.fc1.weight"])
     assert not any(key.startswith("teacher") for key in weights[1])  # the teacher is not saved with the student
