@@ -147,6 +147,9 @@ def main() -> None:
     parser.add_argument(
         "--append", type=Path, help="add the table to this markdown file (before a part written by hand)"
     )
+    parser.add_argument(
+        "--extra", nargs="*", default=[], help="overrides added to every setting's, e.g. model.init=whitened"
+    )
     args = parser.parse_args()
     warm_cache(args.data)
     lines = [
@@ -157,14 +160,15 @@ def main() -> None:
     for name in args.settings:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp:
-                result = measure(SETTINGS[name], args.data, Path(tmp), seed=seed)
+                result = measure([*SETTINGS[name], *args.extra], args.data, Path(tmp), seed=seed)
             reached = (
                 f"{result['epochs']} | {result['training_s']:.1f} | **{result['seconds']:.1f}**"
                 if result["epochs"]
                 else f"not reached (best {result['best']:.2%}) | – | –"
             )
             speed = f"{result['images_per_s']:,.0f} | {result['epoch_s']:.2f}"
-            lines.append(f"| {name} | {seed} | {result['startup_s']:.1f} | {speed} | {reached} | "
+            setting = " ".join([name, *args.extra])
+            lines.append(f"| {setting} | {seed} | {result['startup_s']:.1f} | {speed} | {reached} | "
                          f"{result['run_test_acc']:.2%} |")  # fmt: skip
             print(lines[-1], flush=True)
     table = "\n".join(lines).replace("%", " %").replace("  %", " %") + "\n"

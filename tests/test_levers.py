@@ -205,3 +205,10 @@ def test_a_run_with_a_teacher_trains_on_the_distillation_loss_of_the_same_pixels
     weights = [torch.load(m["best_checkpoint"], weights_only=True)["state_dict"] for m in (plain, taught)]
     assert not torch.equal(weights[0]["net.fc1.weight"], weights[1]["net.fc1.weight"])
     assert not any(key.startswith("teacher") for key in weights[1])  # the teacher is not saved with the student
+
+
+def test_the_shape_table_of_an_expanded_network_is_the_slides_network():
+    from cnnlab.api import shape_table
+
+    plain, expanded = shape_table([]), shape_table(["model.expand=64"])
+    assert expanded == plain and sum(row["parameters"] for row in expanded) == 56_778

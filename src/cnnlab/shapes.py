@@ -28,7 +28,9 @@ def configured_network(cfg) -> nn.Sequential:
 
     check(cfg, builds=("model",))  # the data is read, not built: no Lightning
     follow_the_data(cfg)
-    return instantiate(cfg.model)
+    net = instantiate(cfg.model)
+    net.contract()  # model.expand trains conv2 as two convolutions; what is tested and saved is the one they make
+    return net
 
 
 def shape_table(net: nn.Sequential) -> list[Row]:
