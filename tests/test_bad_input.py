@@ -127,6 +127,10 @@ IN_PROCESS = {
     "mirrored test images for digits (`data=mnist data.tta=true`)": lambda t: ["data=mnist", "data.tta=true"],
     "a teacher without its checkpoints (`teacher=checkpoints`)": lambda t: ["teacher=checkpoints"],
     "a teacher's checkpoint that is not there": lambda t: ["teacher=checkpoints", "teacher.checkpoints=[nowhere.ckpt]"],
+    "a teacher's checkpoint that is not a checkpoint": lambda t: [
+        "teacher=checkpoints",
+        f"teacher.checkpoints=[{write(t.tmp_path / 'notes.ckpt', b'hello')}]",
+    ],
     "an expanded conv2 of kernel 1 (`model.expand=64 model.conv2_kernel=1`)": lambda t: [
         "model.expand=64",
         "model.conv2_kernel=1",

@@ -7,12 +7,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cnnlab import UserError
 from cnnlab.data.batches import TensorBatches
 from cnnlab.data.tta import shifted, tta_logits
 from cnnlab.distill import distillation_loss
 from cnnlab.evaluate import evaluate
 from cnnlab.model import SlideCNN, expand_state, whiten_
 from cnnlab.module import INITIALISATION_IMAGES, LitClassifier
+from cnnlab.relations import mirrors_keep_the_class
 from cnnlab.train import build, train
 from cnnlab.trained import deployable_from_checkpoint
 from tests.conftest import compose_config, tiny_run
@@ -52,6 +54,19 @@ def test_flip_translate_is_airbench_weighting_of_six_views_on_tensors_and_on_arr
     assert torch.allclose(as_arrays, expected, atol=1e-6)  # eval.py's path: numpy batches
     flip = tta_logits(net, images, "flip", logits=net(images))
     assert torch.allclose(flip, (net(images) + net(images.flip(3))) / 2, atol=1e-6)
+
+
+@torch.no_grad()
+def test_translate_shifts_without_mirroring_for_images_whose_mirror_is_another_class():
+    net, images = small_net(), torch.randn(5, 3, 8, 8)
+    padded = F.pad(images, (1,) * 4, mode="reflect")
+    expected = 0.5 * net(images) + 0.25 * (net(padded[..., :8, :8]) + net(padded[..., 2:, 2:]))
+    assert torch.allclose(tta_logits(net, images, "translate"), expected, atol=1e-6)
+    digits = compose_config("train", ["data=mnist", "data.tta=translate"])
+    assert mirrors_keep_the_class(digits) is None  # data.flip=false: shifts are fine, mirror images are not
+    assert "data.tta=translate, or false" in mirrors_keep_the_class(
+        compose_config("train", ["data=mnist", "data.tta=flip"])
+    )
 
 
 def test_the_runs_test_scores_the_flip_translate_views(tmp_path):
@@ -151,6 +166,9 @@ def test_an_expanded_run_saves_tests_and_resumes_the_slides_network(tiny_overrid
     train(
         compose_config("train", [*settings, f"output_dir={stopped}", f"ckpt_path={stopped / 'checkpoints/last.ckpt'}"])
     )
+    with pytest.raises(UserError, match=r"trained with model.expand=8, which a resume goes on with"):
+        train(compose_config("train", [*settings, "model.expand=null", f"output_dir={stopped}",
+                                       f"ckpt_path={stopped / 'checkpoints/last.ckpt'}"]))  # fmt: skip
     resumed = torch.load(stopped / "checkpoints/last.ckpt", weights_only=True)
     whole = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
     for key, value in whole["expanded_conv2"].items():
@@ -189,7 +207,7 @@ def test_a_run_with_a_teacher_trains_on_the_distillation_loss_of_the_same_pixels
     trainer.datamodule = datamodule  # as fit() sets it
     module.trainer = trainer
     module.log = lambda *args, **kwargs: None  # no loop to log into outside a fit
-    module.on_fit_start()
+    module.setup("fit")
     images, labels = datamodule.splits["train"][0][:16], datamodule.splits["train"][1][:16]
     x = datamodule.normalize(images)
     member, _ = deployable_from_checkpoint(torch.load(teacher_checkpoint, weights_only=True), teacher_checkpoint)

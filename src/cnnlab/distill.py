@@ -8,6 +8,8 @@ on the fly. A teacher is one or more cnnlab checkpoints (several: the mean of th
 with the normalisation it was trained with; it is neither trained nor saved in the student's checkpoints.
 """
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -33,6 +35,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.scales.dtype)  # float32 weights, whatever the student's precision (64-true)
         logits = [net(images * self.scales[i] + self.shifts[i]) for i, net in enumerate(self.nets)]
         return torch.stack(logits).float().mean(0)
 
@@ -42,10 +45,7 @@ def load_teacher(paths: list[str], mean: list[float], std: list[float], classes:
     nets, conversions = [], []
     student_scale, student_shift = scale_and_shift(mean, std)  # uint8 → the student's input: x · s + t
     for path in paths:
-        try:
-            net, description = deployable_from_checkpoint(load_checkpoint(path), path)
-        except UserError as err:
-            raise UserError(str(err).replace("ckpt_path=", "teacher.checkpoints: ", 1)) from None
+        net, description = teacher_member(path)
         if list(description["classes"]) != list(classes):
             raise UserError(f"teacher.checkpoints: {path} was trained on the classes {description['classes']}, the "
                             f"data's are {list(classes)}: a teacher of the same data set")  # fmt: skip
@@ -57,6 +57,18 @@ def load_teacher(paths: list[str], mean: list[float], std: list[float], classes:
         conversions.append((scale / student_scale, shift - student_shift * scale / student_scale))
         nets.append(net.net)
     return Teacher(nets, conversions)
+
+
+def teacher_member(path: str):
+    """One network of the teacher, with its checkpoint's description; a file that is not one, one line."""
+    path = Path(path).expanduser()
+    try:
+        checkpoint = load_checkpoint(path)
+        if "cnnlab" not in checkpoint:
+            raise UserError(f"{path} does not describe its model (not written by cnnlab's train.py)")
+        return deployable_from_checkpoint(checkpoint, path)
+    except UserError as err:
+        raise UserError(f"teacher.checkpoints: {str(err).removeprefix('ckpt_path=')}") from None
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, hard_loss: torch.Tensor, temperature: float,

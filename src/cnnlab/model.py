@@ -60,15 +60,16 @@ def whiten_(conv: nn.Conv2d, images: torch.Tensor, chunk: int = 500) -> None:
     16 strongest directions. Filters beyond 2·C·k·k keep their default initialisation; the biases start at 0.
     """
     out_channels, in_channels, kh, kw = conv.weight.shape
-    moment = torch.zeros(in_channels * kh * kw, in_channels * kh * kw, dtype=torch.float64, device=images.device)
+    images = images.cpu()  # the sums in float64, which an Apple GPU (MPS) has not
+    moment = torch.zeros(in_channels * kh * kw, in_channels * kh * kw, dtype=torch.float64)
     count = 0
     for start in range(0, len(images), chunk):  # N×C×H'×W'×kh×kw → one C·kh·kw vector per position
-        batch = images[start : start + chunk].to(torch.float64)
+        batch = images[start : start + chunk].float()
         patches = batch.unfold(2, kh, conv.stride[0]).unfold(3, kw, conv.stride[1])
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, in_channels * kh * kw)
-        moment += patches.T @ patches
+        moment += (patches.T @ patches).double()  # float32 within a chunk (4× faster), float64 across them
         count += len(patches)
-    eigenvalues, eigenvectors = torch.linalg.eigh((moment / count).cpu())  # ascending
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment / count)  # ascending
     strongest = eigenvalues.argsort(descending=True)[: (out_channels + 1) // 2]
     filters = (eigenvectors[:, strongest] / (eigenvalues[strongest] + WHITENING_EPS).sqrt()).T  # one filter a row
     filters = torch.stack([filters, -filters], 1).reshape(-1, in_channels, kh, kw)[:out_channels]  # v1, −v1, v2, …
@@ -142,14 +143,15 @@ def contract(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Ten
     """The one convolution that a (k−1)×(k−1) convolution (w1, b1) followed by a 2×2 one (w2, b2) computes:
     y = w2 ⋆ (w1 ⋆ x + b1) + b2, so kernel[o, i, a + u, b + v] = Σ_m w2[o, m, a, b] · w1[m, i, u, v], and the first
     bias passes through the second kernel's sum: bias = b2 + Σ_m (Σ_ab w2[o, m, a, b]) · b1[m]. In float64."""
-    dtype, w1, w2 = w1.dtype, w1.double(), w2.double()
+    dtype, device = w1.dtype, w1.device  # in float64 on the CPU (an Apple GPU has no float64)
+    w1, b1, w2, b2 = (t.detach().cpu().double() for t in (w1, b1, w2, b2))
     inner = w1.shape[-1]
     kernel = w1.new_zeros(w2.shape[0], w1.shape[1], inner + 1, inner + 1)
     for a in range(2):
         for b in range(2):
             kernel[:, :, a : a + inner, b : b + inner] += torch.einsum("om,mihw->oihw", w2[:, :, a, b], w1)
-    bias = b2.double() + w2.sum((2, 3)) @ b1.double()
-    return kernel.to(dtype), bias.to(dtype)
+    bias = b2 + w2.sum((2, 3)) @ b1
+    return kernel.to(device, dtype), bias.to(device, dtype)
 
 
 def contract_state(state: dict, prefix: str = "net.conv2.") -> tuple[dict, dict]:

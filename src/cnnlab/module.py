@@ -78,6 +78,14 @@ class LitClassifier(LightningModule):
                 f"set model.num_classes={len(classes)}"
             )
         splits = getattr(self.trainer.datamodule, "splits", None)
+        if stage == "fit" and self.hparams.teacher and not self.teachers:
+            # the teacher before any callback's on_fit_start (the learning-rate finder trains there)
+            datamodule = self.trainer.datamodule
+            if datamodule is None:
+                raise UserError("teacher: distillation needs the run's data module (its normalisation and classes)")
+            teacher = self.hparams.teacher
+            self.teachers = [load_teacher(teacher["checkpoints"], datamodule.mean, datamodule.std, datamodule.classes,
+                                          self.net.input_shape)]  # fmt: skip
         if stage == "fit" and splits and hasattr(self.net, "initialise"):
             # Initialisations computed from the data (model.init=whitened), from a sample of the training split drawn
             # with the run's seed: the same on every process. A resumed run's weights then come from its checkpoint.
@@ -94,8 +102,8 @@ class LitClassifier(LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels)
         if self.teachers:  # distillation: the teacher's outputs for this very (augmented) batch
-            teacher = self.hparams.teacher
-            loss = distillation_loss(logits, self.teachers[0](images), loss, teacher["temperature"], teacher["weight"])
+            teacher, settings = self.teachers[0].to(images.device), self.hparams.teacher  # moved once, then a no-op
+            loss = distillation_loss(logits, teacher(images), loss, settings["temperature"], settings["weight"])
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).sum()
             self.train_sums += torch.stack((loss * len(labels), correct.to(loss.dtype)))
@@ -150,13 +158,6 @@ class LitClassifier(LightningModule):
             self.log("train/loss_epoch", loss_sum / images, sync_dist=True)  # already summed: the same everywhere
             self.log("train/acc", correct / images, sync_dist=True)
         self.train_sums, self.train_images = torch.zeros(2, device=self.device), 0
-
-    def on_fit_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        if self.hparams.teacher and not self.teachers and datamodule is not None:
-            teacher = load_teacher(self.hparams.teacher["checkpoints"], datamodule.mean, datamodule.std,
-                                   datamodule.classes, self.net.input_shape)  # fmt: skip
-            self.teachers = [teacher.to(self.device)]
 
     def on_fit_end(self) -> None:
         # model.expand: the expanded conv2 becomes the one convolution it computes, so that the test (and all that

@@ -47,6 +47,8 @@ def emulated_bf16(cfg) -> str | None:
         return None
     if trainer.get("accelerator") not in ("cpu", "auto") or torch.cuda.is_available():
         return None
+    if trainer.get("accelerator") == "auto" and torch.backends.mps.is_available():  # auto: the Apple GPU
+        return None
     if native_bf16():
         return None
     return (f"warning: trainer.precision={trainer.precision} on a CPU without native bfloat16 (no AVX-512 BF16 or "
@@ -56,4 +58,7 @@ def emulated_bf16(cfg) -> str | None:
 
 def native_bf16() -> bool:
     """Whether oneDNN computes bf16 natively on this CPU (AVX-512 BF16, AMX), as torch itself asks."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN: no way to tell, so no warning
+        return True

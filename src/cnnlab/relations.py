@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cnnlab import CHANNELS
+from cnnlab.data.tta import tta_mode
 from cnnlab.domains import _is_int
 
 
@@ -51,9 +52,10 @@ def the_network_follows_the_data(cfg) -> str | None:
 
 def mirrors_keep_the_class(cfg) -> str | None:
     data = cfg.get("data")
-    if data is not None and data.get("tta") and not data.get("flip", True):
-        return (f"data.tta={str(data.tta).lower()} scores each test image with its mirror image, but data.flip=false "
-                f"says a mirrored image is not of its class (data={data.name}): leave data.tta=false")  # fmt: skip
+    if data is not None and tta_mode(data.get("tta")) in ("flip", "flip_translate") and not data.get("flip", True):
+        return (f"data.tta={str(data.tta).lower()} scores each test image with its mirror image, but data.flip="
+                f"false says a mirrored image is not of its class (data={data.name}): data.tta=translate, or "
+                f"false")  # fmt: skip
     return None
 
 

@@ -50,6 +50,10 @@ def check_shapes(module: LightningModule, checkpoint: dict, path: Path) -> None:
     state = checkpoint["state_dict"]
     if "net.conv2.first.weight" in expected:  # model.expand: the factors of conv2 kept beside its contracted form
         state = expand_state(state, checkpoint.get("expanded_conv2", {}))
+    elif "expanded_conv2" in checkpoint:  # its optimizer's state is the factors': it goes on only with them
+        width = checkpoint["expanded_conv2"]["net.conv2.first.weight"].shape[0]
+        raise UserError(f"ckpt_path={path} was trained with model.expand={width}, which a resume goes on with: "
+                        f"leave out model.expand=null")  # fmt: skip
     saved = {name: tuple(t.shape) for name, t in state.items()}
     differ = [
         f"{name} {saved[name]} vs {expected[name]} here"

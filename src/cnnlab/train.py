@@ -17,6 +17,7 @@ from cnnlab.checks import check
 from cnnlab.config import overridden
 from cnnlab.console import result_lines
 from cnnlab.data.sources import follow_the_data
+from cnnlab.distill import teacher_member
 from cnnlab.module import LitClassifier
 from cnnlab.pictures import top_confusions
 from cnnlab.process import emulated_bf16, keep_freed_memory, share_the_machine
@@ -142,6 +143,8 @@ def train(cfg: DictConfig) -> dict | None:
     quiet_libraries(cfg.verbose)
     if (slow := emulated_bf16(cfg)) and first_process():
         log.warning(slow)
+    for path in (cfg.get("teacher") or {}).get("checkpoints") or []:  # a file that is no teacher: before the run starts
+        teacher_member(path)
     resume_from, checkpoint = None, None
     if cfg.get("ckpt_path") is not None:
         resume_from = checkpoints.find_checkpoint(str(cfg.ckpt_path), cfg.outputs_root)

@@ -4,12 +4,14 @@
   image itself, and the mean of the two views' logits is a better guess than either alone.
 - flip_translate (airbench's): half the weight to those two, half to the same two shifted by one pixel, up-left
   and down-right (the border reflected, as in a padded crop), an eighth each.
+- translate: for images whose mirror image is another class (digits, data.flip=false): the image, half, and the two
+  shifted views, a quarter each.
 
 The views are index lists over the last two axes (height, width) of an N×C×H×W batch, so the same code serves
 torch tensors (the run's test) and numpy arrays (eval.py), uint8 or float.
 """
 
-TTA_MODES = ("flip", "flip_translate")
+TTA_MODES = ("flip", "flip_translate", "translate")
 
 
 def tta_mode(value: bool | str | None) -> str | None:
@@ -28,15 +30,17 @@ def shifted(length: int, shift: int) -> list[int]:
 def views(height: int, width: int, mode: str) -> list[tuple[float, list[int], list[int]]]:
     """(weight, rows, columns) of each view; the weights add up to 1, the first view is the image itself."""
     rows, cols, mirrored = list(range(height)), list(range(width)), list(range(width - 1, -1, -1))
-    pair = [(0.5, rows, cols), (0.5, rows, mirrored)]
+    if mode not in TTA_MODES:
+        raise ValueError(f"unknown TTA mode {mode!r}: one of {TTA_MODES}")  # the config's domain refuses it first
+    with_mirror = mode != "translate"
+    pair = [(0.5, rows, cols), (0.5, rows, mirrored)] if with_mirror else [(1.0, rows, cols)]
     if mode == "flip":
         return pair
-    if mode != "flip_translate":
-        raise ValueError(f"unknown TTA mode {mode!r}: one of {TTA_MODES}")  # the config's domain refuses it first
     moved = []
     for shift in (1, -1):
         r, c = shifted(height, shift), shifted(width, shift)
-        moved += [(0.125, r, c), (0.125, r, [c[i] for i in mirrored])]  # the shifted view, and its mirror image
+        pairs = [(r, c), (r, [c[i] for i in mirrored])] if with_mirror else [(r, c)]  # the view, its mirror image
+        moved += [(0.5 / (2 * len(pairs)), r, c) for r, c in pairs]
     return [(w / 2, r, c) for w, r, c in pair] + moved
 
 
@@ -45,5 +49,6 @@ def tta_logits(logits_of, images, mode: str, logits=None):
     total = None
     for i, (weight, rows, cols) in enumerate(views(images.shape[-2], images.shape[-1], mode)):
         view_logits = logits if i == 0 and logits is not None else logits_of(images[..., rows, :][..., cols])
+        view_logits = view_logits.float()  # the sum in float32, whatever the autocast's logits
         total = weight * view_logits if total is None else total + weight * view_logits
     return total
