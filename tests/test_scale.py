@@ -20,7 +20,7 @@ from tests.conftest import ROOT, compose_config, with_root_on_path
 @pytest.mark.parametrize(
     ("overrides", "precision"),
     [(["precision=bf16"], "bf16-mixed"), (["trainer=ddp", "precision=fp16"], "16-mixed"),
-     (["experiment=fast_cpu", "precision=fp32"], "32-true"), (["experiment=fast_cpu"], "bf16-mixed"),
+     (["experiment=fast_cpu", "precision=fp32"], "32-true"), (["experiment=fast_cpu", "precision=bf16"], "bf16-mixed"),
      (["precision=bf16", "trainer.precision=32-true"], "32-true")],
 )  # fmt: skip
 def test_precision_is_a_group_that_wins_over_an_experiment(overrides, precision):

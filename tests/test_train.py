@@ -192,3 +192,14 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_in_one_line_and_trains(tiny_ove
     else:
         assert len(warned) == 1 and warned[0].startswith("warning: trainer.precision=bf16-mixed on a CPU without")
         assert "\n" not in warned[0] and warned[0].endswith("add precision=fp32 (the same accuracy)")
+
+
+@pytest.mark.parametrize(("native", "expected"), [(False, "32-true"), (True, "bf16-mixed")])
+def test_the_cpu_recipes_take_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native, expected):
+    import cnnlab.process
+
+    monkeypatch.setattr(cnnlab.process, "native_bf16", lambda: native)
+    for experiment in ("fast_cpu", "best"):
+        assert compose_config("train", [f"experiment={experiment}"]).trainer.precision == expected
+    asked = compose_config("train", ["experiment=fast_cpu", "precision=bf16"])  # a precision asked for wins
+    assert asked.trainer.precision == "bf16-mixed"

@@ -23,6 +23,17 @@ from cnnlab import CHANNELS
 # data.channels, the key that was given.
 OmegaConf.register_new_resolver("channels_of", lambda channels: CHANNELS.get(channels), replace=True)
 
+
+def fastest_cpu_precision() -> str:
+    """bf16 autocast where the CPU computes bf16 natively (AVX-512 BF16, AMX), else fp32: emulated bf16 is 5–15×
+    slower (bench/precision_cost.py). The CPU recipes (experiment=fast_cpu, best) take their precision from it."""
+    from cnnlab.process import native_bf16
+
+    return "bf16-mixed" if native_bf16() else "32-true"
+
+
+OmegaConf.register_new_resolver("fastest_cpu_precision", fastest_cpu_precision, replace=True)
+
 # use_cache: Hydra resolves the run dir more than once (and copies the cache into each multirun job); each
 # resolution must give the folder claimed the first time.
 
