@@ -151,7 +151,8 @@ def evaluate(cfg: DictConfig) -> dict:
     scores = score(model, images, labels, cfg.data.eval_batch_size, tta=cfg.data.get("tta", False))
     metrics = {**scores, "ckpt_path": str(model.source), "run_dir": cfg.output_dir}
     plot_confusion(metrics["confusion_matrix"], model.classes, Path(cfg.output_dir) / "confusion_matrix.png")
-    log.info(f"test/acc={metrics['test/acc']:.4f} test/loss={metrics['test/loss']:.4f} on {len(labels)} images")
+    tta = f" test/acc_tta={metrics['test/acc_tta']:.4f} ({tta_mode(cfg.data.tta)})" if "test/acc_tta" in metrics else ""
+    log.info(f"test/acc={metrics['test/acc']:.4f}{tta} test/loss={metrics['test/loss']:.4f} on {len(labels)} images")
     return write_metrics(metrics, cfg.output_dir)
 
 
