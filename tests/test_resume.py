@@ -20,6 +20,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnlab import UserError
+from cnnlab.config import fastest_cpu_precision
 from cnnlab.resume import AtomicCheckpointIO
 from cnnlab.train import train
 from tests.conftest import ROOT, compose_config, tiny_run, with_root_on_path
@@ -341,7 +342,11 @@ def test_ckpt_path_last_after_a_fast_cpu_run_resumes_with_that_runs_config(tiny_
     metrics = json.loads((outputs / "runs" / "fast" / "metrics.json").read_text())
     assert (metrics["epochs"], metrics["global_step"], metrics["resumed_from"]) == (2, 8, str(last))
     used = yaml.safe_load((outputs / "runs" / "fast" / ".hydra" / "config.yaml").read_text())
-    assert (used["optimizer"]["_target_"], used["trainer"]["precision"]) == ("torch.optim.SGD", "bf16-mixed")
+    assert (used["optimizer"]["_target_"], used["trainer"]["precision"]) == (
+        "torch.optim.SGD",
+        "${fastest_cpu_precision:}",
+    )
+    assert f"{fastest_cpu_precision()} on cpu" in resumed.stdout + resumed.stderr  # bf16 where this CPU has it natively, else fp32
 
     # An override that contradicts the checkpoint: one line naming the keys, before Lightning loads anything.
     adam = [*tiny_overrides, "optimizer=adam", f"ckpt_path={tmp_path / 'stopped.ckpt'}", "data.batch_size=16"]
