@@ -58,6 +58,7 @@ def whiten_(conv: nn.Conv2d, images: torch.Tensor, chunk: int = 500) -> None:
     on colour images); the eigenvectors of their second-moment matrix, largest eigenvalue first, are the filters.
     Each one is paired with its negative, so that the ReLU after the layer keeps both signs: 32 filters take the
     16 strongest directions. Filters beyond 2·C·k·k keep their default initialisation; the biases start at 0.
+    The patches are the images' own (with model.padding conv1 also sees border patches with zeros: not counted).
     """
     out_channels, in_channels, kh, kw = conv.weight.shape
     images = images.cpu()  # the sums in float64, which an Apple GPU (MPS) has not
