@@ -85,7 +85,7 @@ class LitClassifier(LightningModule):
                 raise UserError("teacher: distillation needs the run's data module (its normalisation and classes)")
             teacher = self.hparams.teacher
             self.teachers = [load_teacher(teacher["checkpoints"], datamodule.mean, datamodule.std, datamodule.classes,
-                                          self.net.input_shape)]  # fmt: skip
+                                          self.net.input_shape).to(self.trainer.strategy.root_device)]  # fmt: skip
         if stage == "fit" and splits and hasattr(self.net, "initialise"):
             # Initialisations computed from the data (model.init=whitened), from a sample of the training split drawn
             # with the run's seed: the same on every process. A resumed run's weights then come from its checkpoint.
@@ -102,8 +102,8 @@ class LitClassifier(LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels)
         if self.teachers:  # distillation: the teacher's outputs for this very (augmented) batch
-            teacher, settings = self.teachers[0].to(images.device), self.hparams.teacher  # moved once, then a no-op
-            loss = distillation_loss(logits, teacher(images), loss, settings["temperature"], settings["weight"])
+            teacher = self.hparams.teacher
+            loss = distillation_loss(logits, self.teachers[0](images), loss, teacher["temperature"], teacher["weight"])
         with torch.no_grad():
             correct = (logits.argmax(1) == labels).sum()
             self.train_sums += torch.stack((loss * len(labels), correct.to(loss.dtype)))
