@@ -131,6 +131,10 @@ IN_PROCESS = {
         "teacher=checkpoints",
         f"teacher.checkpoints=[{write(t.tmp_path / 'notes.ckpt', b'hello')}]",
     ],
+    "a teacher's run folder without checkpoints": lambda t: [
+        "teacher=checkpoints",
+        f"teacher.checkpoints=[{(t.tmp_path / 'empty').mkdir() or t.tmp_path / 'empty'}]",
+    ],
     "an expanded conv2 of kernel 1 (`model.expand=64 model.conv2_kernel=1`)": lambda t: [
         "model.expand=64",
         "model.conv2_kernel=1",

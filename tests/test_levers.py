@@ -1,5 +1,7 @@
 """The levers past experiment=best (issue 21): test-time views, the whitened first layer, the expanded conv2."""
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import pytest
@@ -199,7 +201,8 @@ def test_a_run_with_a_teacher_trains_on_the_distillation_loss_of_the_same_pixels
 ):
     # the student normalises otherwise than the teacher did: the teacher must still see the same pixels
     normalisation = [*tiny_overrides, "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
-    teacher = ["teacher=checkpoints", f"teacher.checkpoints=[{teacher_checkpoint},{teacher_checkpoint}]",
+    run_folder = Path(teacher_checkpoint).parent.parent  # a run folder: its best checkpoint, this very file
+    teacher = ["teacher=checkpoints", f"teacher.checkpoints=[{teacher_checkpoint},{run_folder}]",
                "teacher.temperature=2", "teacher.weight=0.6"]  # fmt: skip
     settings = [*normalisation, *teacher]
     datamodule, module, trainer = build(compose_config("train", settings))

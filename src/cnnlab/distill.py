@@ -8,8 +8,6 @@ on the fly. A teacher is one or more cnnlab checkpoints (several: the mean of th
 with the normalisation it was trained with; it is neither trained nor saved in the student's checkpoints.
 """
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,7 +15,7 @@ from torch.nn import functional as F
 from cnnlab import UserError
 from cnnlab.checkpoints import load_checkpoint
 from cnnlab.data.pixels import scale_and_shift
-from cnnlab.trained import deployable_from_checkpoint
+from cnnlab.trained import deployable_from_checkpoint, resolve_model_path
 
 
 class Teacher(nn.Module):
@@ -60,9 +58,10 @@ def load_teacher(paths: list[str], mean: list[float], std: list[float], classes:
 
 
 def teacher_member(path: str):
-    """One network of the teacher, with its checkpoint's description; a file that is not one, one line."""
-    path = Path(path).expanduser()
+    """One network of the teacher (a checkpoint, or a run folder: its best checkpoint), with its checkpoint's
+    description; a file that is not one, one line."""
     try:
+        path = resolve_model_path(str(path), "outputs")
         checkpoint = load_checkpoint(path)
         if "cnnlab" not in checkpoint:
             raise UserError(f"{path} does not describe its model (not written by cnnlab's train.py)")

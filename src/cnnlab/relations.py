@@ -146,9 +146,9 @@ def the_data_is_there(cfg) -> str | None:
 def the_teacher_is_there(cfg) -> str | None:
     teacher = cfg.get("teacher")
     for path in (teacher.get("checkpoints") or []) if teacher is not None else []:
-        if not Path(path).expanduser().is_file():
-            return (f"teacher.checkpoints: {path} is not a file: give the teacher's .ckpt files (a run's "
-                    f"checkpoints/epoch_*.ckpt or last.ckpt)")  # fmt: skip
+        if not Path(path).expanduser().exists():
+            return (f"teacher.checkpoints: {path} is not there: give the teacher's .ckpt files or run folders (each "
+                    f"run's best checkpoint)")  # fmt: skip
     return None
 
 
