@@ -233,9 +233,14 @@ class SlideCNN(nn.Sequential):
         self.init = init
         self.conv1.weight.requires_grad_(not conv1_frozen)  # frozen: conv1's filters stay as initialised
 
+    @property
+    def expanded(self) -> bool:
+        """Whether conv2 is still in its training-time form (model.expand), not yet contracted."""
+        return isinstance(self.conv2, ExpandedConv2d)
+
     def contract(self) -> None:
         """An expanded conv2 (model.expand) becomes the one convolution it computes: the slides' network again."""
-        if isinstance(self.conv2, ExpandedConv2d):
+        if self.expanded:
             self.conv2 = self.conv2.contracted()
             if self.channels_last:
                 self.conv2.to(memory_format=torch.channels_last)

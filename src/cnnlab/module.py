@@ -127,8 +127,8 @@ class LitClassifier(LightningModule):
     def test_step(self, batch, batch_idx):
         logits = self.eval_step(batch, "test")  # test/acc stays single-view, comparable with every other run
         self.test_confusion.update(logits, batch[1])
-        if tta_mode(self.hparams.tta):  # test-time augmentation: the weighted mean of several views' logits
-            self.accuracy["test_tta"].update(tta_logits(self, batch[0], tta_mode(self.hparams.tta), logits), batch[1])
+        if mode := tta_mode(self.hparams.tta):  # test-time augmentation: the weighted mean of several views' logits
+            self.accuracy["test_tta"].update(tta_logits(self, batch[0], mode, logits), batch[1])
             self.log("test/acc_tta", self.accuracy["test_tta"])
 
     def on_test_epoch_end(self) -> None:
@@ -187,7 +187,7 @@ class LitClassifier(LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "net.conv2.first.weight" in self.state_dict():  # an expanded conv2 still training: a resumed run
+        if getattr(self.net, "expanded", False):  # an expanded conv2 still training: a resumed run
             checkpoint["state_dict"] = expand_state(checkpoint["state_dict"], checkpoint.get("expanded_conv2", {}))
         if "train_sums" in checkpoint:
             self.train_sums, self.train_images = checkpoint["train_sums"]["sums"], checkpoint["train_sums"]["images"]
