@@ -74,20 +74,24 @@ PAST_BEST = [
     ("22-whitened", "conv1 initialised whitened (model.init=whitened)", ["model.init=whitened"]),
     ("23-expand64", "conv2 trained as 3×3 to 64 channels + 2×2, contracted after training (model.expand=64)",
      ["model.expand=64"]),
-    # {best:<step>}: the best checkpoints of that step's seeds (its metrics.json), the teacher's members
-    ("24-distill-22", "distillation (T 4, weight 0.9) from the 22-whitened runs (an ensemble of its seeds)",
-     ["model.init=whitened", "teacher=checkpoints", "teacher.checkpoints=[{best:22-whitened}]"]),
+    # {best:<step>}: the best checkpoints of that step's seeds (its metrics.json); {best:<step>/seed-N}: one seed's
+    ("24-distill-ens3", "23 + distillation (T 4, weight 0.9) from an ensemble of 23's seeds 0, 1 and 22's seed 0",
+     ["model.expand=64", "teacher=checkpoints",
+      "teacher.checkpoints=[{best:23-expand64/seed-0},{best:23-expand64/seed-1},{best:22-whitened/seed-0}]"]),
 ]  # fmt: skip
 
 
 def teachers_of(overrides: list[str]) -> list[str]:
-    """{best:<step>} in an override → the best checkpoints of that step's seeds run so far."""
+    """{best:<step>} in an override → the best checkpoints of that step's seeds run so far; {best:<step>/seed-N}:
+    that one seed's."""
 
     def best_of(match: re.Match) -> str:
-        runs = sorted((OUT / match.group(1)).glob("seed-*/metrics.json"))
+        folder = OUT / match.group(1)
+        one_seed = folder.name.startswith("seed-")
+        runs = [folder / "metrics.json"] if one_seed else sorted(folder.glob("seed-*/metrics.json"))
         return ",".join(json.loads(path.read_text())["best_checkpoint"] for path in runs)
 
-    return [re.sub(r"\{best:([\w-]+)\}", best_of, override) for override in overrides]
+    return [re.sub(r"\{best:([\w/-]+)\}", best_of, override) for override in overrides]
 
 
 def key(override: str) -> str:
@@ -133,10 +137,11 @@ def run(step: str, overrides: list[str], data: str, seed: int = 0, folder: Path 
     command = [sys.executable, str(ROOT / "src/train.py"), *overrides, f"data.root={data}", f"seed={seed}",
                "callbacks.inside=null", f"hydra.run.dir={folder}"]  # fmt: skip
     print(f"{step}: {' '.join(command[1:])}", flush=True)
-    with open(folder.parent / f"{folder.name}.log" if folder != OUT / step else OUT / f"{step}.log", "w") as log:
+    log_path = folder.parent / f"{folder.name}.log"  # beside the run's folder: <step>.log, <step>/seed-N.log
+    with open(log_path, "w") as log:
         done = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     if done.returncode != 0:
-        print(f"{step}: failed (exit {done.returncode}), see {OUT / f'{step}.log'}", flush=True)
+        print(f"{step}: failed (exit {done.returncode}), see {log_path}", flush=True)
     return done.returncode == 0
 
 
