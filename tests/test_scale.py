@@ -36,17 +36,30 @@ def test_fast_gpu_autotunes_cudnn_and_allows_tf32_matmuls_which_train_applies(ti
     assert applied == ["medium"]
 
 
-def test_ddp_on_two_cpu_processes_shards_the_data_and_leaves_one_run_dir(tree_archive, tmp_path):
-    shards = tmp_path / "shards"
+# Deterministic, and the first process alone draws extra random numbers every step (as a callback sampling on rank
+# 0 would): the run a stopped and resumed one must end exactly like.
+DETERMINISTIC = ["trainer.max_epochs=2", "trainer.deterministic=true", "optimizer=sgd_steplr", "model.dropout=0.5",
+                 "+callbacks.draw._target_=tests.callbacks.DrawOnFirstProcess",
+                 "+callbacks.record._target_=tests.callbacks.RecordShard"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tree_archive, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One run of 2 epochs on two CPU processes, each recording the training images it is given (<folder>/shards):
+    the folder it ran in and the finished process. Shared by the tests below (each DDP start-up costs seconds)."""
+    folder = tmp_path_factory.mktemp("ddp")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-         "trainer.max_epochs=2", "data.val_size=20", "data.batch_size=8", f"data.root={tree_archive}",
-         f"data.cache_dir={tmp_path / 'cache'}", "+callbacks.record._target_=tests.callbacks.RecordShard",
-         f"+callbacks.record.folder={shards}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
+        [sys.executable, str(ROOT / "src" / "train.py"), *tiny(tree_archive, folder), "trainer.devices=2",
+         *DETERMINISTIC, f"+callbacks.record.folder={folder / 'shards'}"],
+        cwd=folder, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    (run,) = (tmp_path / "outputs" / "runs").iterdir()  # one run dir for both processes
+    return folder, done
+
+
+def test_ddp_on_two_cpu_processes_shards_the_data_and_leaves_one_run_dir(ddp_run, tree_archive, tmp_path):
+    folder, done = ddp_run
+    (run,) = (folder / "outputs" / "runs").iterdir()  # one run dir for both processes
     assert done.stdout.strip().splitlines()[-1].endswith(f"run_dir={run}")  # one summary line, from rank 0
     assert len([line for line in done.stdout.splitlines() if line.startswith("test/acc=")]) == 1
     metrics = json.loads((run / "metrics.json").read_text())
@@ -54,7 +67,7 @@ def test_ddp_on_two_cpu_processes_shards_the_data_and_leaves_one_run_dir(tree_ar
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.ckpt", Path(metrics["best_checkpoint"]).name}
     assert sorted(p.name for p in run.iterdir() if p.suffix == ".log") == ["train.log", "train_process_1.log"]
 
-    seen = read_shards(shards)
+    seen = read_shards(folder / "shards")
     assert_disjoint_and_complete(seen, epochs=2)
     assert seen[(0, 0)] != seen[(0, 1)]  # a new order each epoch
 
@@ -274,27 +287,26 @@ def test_a_preempted_submitit_job_checkpoints_is_requeued_and_resumes(tree_archi
     assert f"sweep: 1 of 1 jobs finished; {sweep}" in done.stdout.splitlines()
 
 
-def test_ddp_stopped_on_one_process_resumes_to_the_unstopped_runs_metrics_with_disjoint_shards(tree_archive, tmp_path):
+def test_ddp_stopped_on_one_process_resumes_to_the_unstopped_runs_metrics_with_disjoint_shards(
+    ddp_run, tree_archive, tmp_path
+):
     """Two processes; the first one alone draws extra random numbers every step (a callback of its own), the
     second alone gets SIGTERM. Both stop at the same step with one checkpoint; resumed, the run ends with the
-    metrics and weights of a run never stopped, and every epoch's shards stay disjoint and complete."""
-    deterministic = ["trainer.max_epochs=2", "trainer.deterministic=true", "optimizer=sgd_steplr", "model.dropout=0.5",
-                     "+callbacks.draw._target_=tests.callbacks.DrawOnFirstProcess",
-                     "+callbacks.record._target_=tests.callbacks.RecordShard"]  # fmt: skip
+    metrics and weights of a run never stopped (ddp_run), and every epoch's shards stay disjoint and complete."""
     env = with_root_on_path()
 
-    def run(name: str, *extra: str) -> subprocess.CompletedProcess:
+    def run(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, str(ROOT / "src" / "train.py"), *tiny(tree_archive, tmp_path), "trainer.devices=2",
-             *deterministic, f"hydra.run.dir={name}", f"+callbacks.record.folder={tmp_path / name}-shards", *extra],
+             *DETERMINISTIC, "hydra.run.dir=run", f"+callbacks.record.folder={tmp_path / 'run-shards'}", *extra],
             cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,
         )  # fmt: skip
 
-    reference = run("reference")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference_folder, _ = ddp_run
+    (reference,) = (reference_folder / "outputs" / "runs").iterdir()
     signal_rank_1 = ["+callbacks.stop._target_=tests.callbacks.SignalAt", "+callbacks.stop.step=2",
                      "+callbacks.stop.signal=SIGTERM", "+callbacks.stop.rank=1"]  # fmt: skip
-    stopped = run("run", *signal_rank_1)
+    stopped = run(*signal_rank_1)
     assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert stopped.stderr.count("stopped by SIGTERM at epoch 0, step 3; resume with:") == 1  # one line for both
@@ -302,19 +314,19 @@ def test_ddp_stopped_on_one_process_resumes_to_the_unstopped_runs_metrics_with_d
     assert checkpoint["global_step"] == 3
     assert len(checkpoint["callbacks"]["RngState"]["processes"]) == 2  # each process's own random state
     shutil.copy(last, tmp_path / "mid-epoch.ckpt")
-    resumed = run("run", *signal_rank_1, f"ckpt_path={last}")
+    resumed = run(*signal_rank_1, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
+    expected = json.loads((reference / "metrics.json").read_text())
     for key in ("test/acc", "test/loss", "val/acc_best", "epochs", "global_step", "confusion_matrix"):
         assert metrics[key] == expected[key], key
-    weights, expected_weights = torch_load(last)["state_dict"], torch_load(tmp_path / "reference" / "checkpoints" /
-                                                                            "last.ckpt")["state_dict"]  # fmt: skip
+    weights = torch_load(last)["state_dict"]
+    expected_weights = torch_load(reference / "checkpoints" / "last.ckpt")["state_dict"]
     assert all(torch.equal(weights[name], value) for name, value in expected_weights.items())
     shards = read_shards(tmp_path / "run-shards")  # the stopped run's part of epoch 0, then the resumed run's rest
     assert_disjoint_and_complete(shards, epochs=2)
-    assert shards == read_shards(tmp_path / "reference-shards")
+    assert shards == read_shards(reference_folder / "shards")
 
     # On another number of processes: one line saying why not (Lightning counts an epoch's steps per process).
     one_process = [f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=20",
