@@ -346,7 +346,8 @@ def test_ckpt_path_last_after_a_fast_cpu_run_resumes_with_that_runs_config(tiny_
         "torch.optim.SGD",
         "${fastest_cpu_precision:}",
     )
-    assert f"{fastest_cpu_precision()} on cpu" in resumed.stdout + resumed.stderr  # bf16 where this CPU has it natively, else fp32
+    # bf16 where this CPU has it natively, else fp32
+    assert f"{fastest_cpu_precision()} on cpu" in resumed.stdout + resumed.stderr
 
     # An override that contradicts the checkpoint: one line naming the keys, before Lightning loads anything.
     adam = [*tiny_overrides, "optimizer=adam", f"ckpt_path={tmp_path / 'stopped.ckpt'}", "data.batch_size=16"]
