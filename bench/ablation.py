@@ -78,6 +78,10 @@ PAST_BEST = [
     ("24-distill-ens3", "23 + distillation (T 4, weight 0.9) from an ensemble of 23's seeds 0, 1 and 22's seed 0",
      ["model.expand=64", "teacher=checkpoints",
       "teacher.checkpoints=[{best:23-expand64/seed-0},{best:23-expand64/seed-1},{best:22-whitened/seed-0}]"]),
+    # 24 fell behind 23 from epoch ~35 on: half the weight on the labels, and a softer temperature
+    ("24b-distill-t2-w05", "24 with temperature 2 and weight 0.5",
+     ["model.expand=64", "teacher=checkpoints", "teacher.temperature=2", "teacher.weight=0.5",
+      "teacher.checkpoints=[{best:23-expand64/seed-0},{best:23-expand64/seed-1},{best:22-whitened/seed-0}]"]),
 ]  # fmt: skip
 
 
