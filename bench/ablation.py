@@ -74,11 +74,12 @@ PAST_BEST = [
     ("22-whitened", "conv1 initialised whitened (model.init=whitened)", ["model.init=whitened"]),
     ("23-expand64", "conv2 trained as 3×3 to 64 channels + 2×2, contracted after training (model.expand=64)",
      ["model.expand=64"]),
-    # {best:<step>}: the best checkpoints of that step's seeds (its metrics.json); {best:<step>/seed-N}: one seed's
+    # {best:<step>/seed-N}: that run's best checkpoint (its metrics.json). A student of seed 0 shares its first
+    # weights and data order with its teacher 23-expand64/seed-0; seed 2's is the one no teacher shares
     ("24-distill-ens3", "23 + distillation (T 4, weight 0.9) from an ensemble of 23's seeds 0, 1 and 22's seed 0",
      ["model.expand=64", "teacher=checkpoints",
       "teacher.checkpoints=[{best:23-expand64/seed-0},{best:23-expand64/seed-1},{best:22-whitened/seed-0}]"]),
-    # 24 fell behind 23 from epoch ~35 on: half the weight on the labels, and a softer temperature
+    # 24 fell behind 23 between epochs 40 and 45: half the weight on the labels, and a softer temperature
     ("24b-distill-t2-w05", "24 with temperature 2 and weight 0.5",
      ["model.expand=64", "teacher=checkpoints", "teacher.temperature=2", "teacher.weight=0.5",
       "teacher.checkpoints=[{best:23-expand64/seed-0},{best:23-expand64/seed-1},{best:22-whitened/seed-0}]"]),
@@ -86,16 +87,19 @@ PAST_BEST = [
 
 
 def teachers_of(overrides: list[str]) -> list[str]:
-    """{best:<step>} in an override → the best checkpoints of that step's seeds run so far; {best:<step>/seed-N}:
-    that one seed's."""
+    """{best:<step>/seed-N} in an override → that run's best checkpoint (its metrics.json); a run not done yet stops
+    the ablation with one line naming it."""
 
     def best_of(match: re.Match) -> str:
-        folder = OUT / match.group(1)
-        one_seed = folder.name.startswith("seed-")
-        runs = [folder / "metrics.json"] if one_seed else sorted(folder.glob("seed-*/metrics.json"))
-        return ",".join(json.loads(path.read_text())["best_checkpoint"] for path in runs)
+        metrics = OUT / match.group(1) / "metrics.json"
+        best = json.loads(metrics.read_text()).get("best_checkpoint") if metrics.exists() else None
+        if not best:
+            step, seed = match.group(1).split("/seed-")
+            sys.exit(f"error: the teacher {match.group(1)} has not run (no best checkpoint in {metrics}): run it "
+                     f"first: --only {step} --seeds {seed}")  # fmt: skip
+        return best
 
-    return [re.sub(r"\{best:([\w/-]+)\}", best_of, override) for override in overrides]
+    return [re.sub(r"\{best:([\w-]+/seed-\d+)\}", best_of, override) for override in overrides]
 
 
 def key(override: str) -> str:

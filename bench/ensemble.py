@@ -3,15 +3,18 @@
     python bench/ensemble.py CKPT_OR_RUN_DIR ... [--data ../shared/data/cifar10-jpeg.tar.gz]
 
 The ensemble is what `teacher=checkpoints` distils from (cnnlab/distill.py: the mean logits of its members, each
-in its own normalisation); every member is scored on the test split as src/eval.py scores it. A benchmark, not a test.
+in its own normalisation). Members of one data set, scored on the test split of --data (CIFAR-10's, read as
+conf/data/cifar10.yaml reads it). A benchmark, not a test.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
 
+from cnnlab import UserError
 from cnnlab.evaluate import evaluation_set
 from cnnlab.trained import load_model
 
@@ -26,8 +29,13 @@ def main() -> None:
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         data = compose("train", [f"data.root={args.data}"]).data
-    models = [load_model(member, device="cpu") for member in args.members]
-    images, labels, _ = evaluation_set(data, models[0].classes, models[0].input_shape)
+    try:  # a path that is not a cnnlab checkpoint or run folder, members of other data sets: one line
+        models = [load_model(member, device="cpu") for member in args.members]
+        if len({(tuple(model.classes), tuple(model.input_shape)) for model in models}) > 1:
+            raise UserError("the members were trained on different classes or image shapes: members of one data set")
+        images, labels, _ = evaluation_set(data, models[0].classes, models[0].input_shape)
+    except UserError as err:
+        sys.exit(f"error: {err}")
     logits = []
     for member, model in zip(args.members, models, strict=True):
         batches = range(0, len(images), args.batch_size)

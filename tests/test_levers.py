@@ -18,7 +18,7 @@ from cnnlab.model import SlideCNN, expand_state, whiten_
 from cnnlab.module import INITIALISATION_IMAGES, LitClassifier
 from cnnlab.relations import mirrors_keep_the_class
 from cnnlab.train import build, train
-from cnnlab.trained import deployable_from_checkpoint
+from cnnlab.trained import deployable_from_checkpoint, resolve_model_path
 from tests.conftest import compose_config, tiny_run
 
 
@@ -202,6 +202,7 @@ def test_a_run_with_a_teacher_trains_on_the_distillation_loss_of_the_same_pixels
     # the student normalises otherwise than the teacher did: the teacher must still see the same pixels
     normalisation = [*tiny_overrides, "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"]
     run_folder = Path(teacher_checkpoint).parent.parent  # a run folder: its best checkpoint, this very file
+    assert resolve_model_path(str(run_folder), "outputs") == Path(teacher_checkpoint)
     teacher = ["teacher=checkpoints", f"teacher.checkpoints=[{teacher_checkpoint},{run_folder}]",
                "teacher.temperature=2", "teacher.weight=0.6"]  # fmt: skip
     settings = [*normalisation, *teacher]

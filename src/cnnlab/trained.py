@@ -82,7 +82,10 @@ def best_of_run(run: Path) -> Path:
         return Path(best)
     candidates = sorted((run / "checkpoints").glob("epoch_*.ckpt")) or sorted((run / "checkpoints").glob("last.ckpt"))
     if not candidates:
-        raise UserError(f"ckpt_path={run}: a folder without checkpoints/*.ckpt: give a run dir or a checkpoint file")
+        raise UserError(
+            f"ckpt_path={run}: no checkpoints/epoch_*.ckpt or last.ckpt in this folder (not a training "
+            "run's folder?): give a run's folder or a .ckpt file"
+        )
     return candidates[-1]
 
 
