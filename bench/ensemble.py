@@ -35,7 +35,7 @@ def main() -> None:
             raise UserError("the members were trained on different classes or image shapes: members of one data set")
         images, labels, _ = evaluation_set(data, models[0].classes, models[0].input_shape)
     except UserError as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {str(err).removeprefix('ckpt_path=')}")
     logits = []
     for member, model in zip(args.members, models, strict=True):
         batches = range(0, len(images), args.batch_size)
