@@ -120,8 +120,9 @@ def tiny_overrides(tree_archive, tmp_path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_sweep(tree_archive, tmp_path_factory) -> Path:
-    """A finished multirun, as `train.py -m` leaves it: 2 optimizers × 2 seeds, 2 epochs each."""
+def tiny_sweep_run(tree_archive, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A finished multirun, as `train.py -m` leaves it: 2 optimizers × 2 seeds, 2 epochs each; its folder and its
+    finished process (what it printed). One process for every test that reads a sweep (a start-up costs seconds)."""
     root = tmp_path_factory.mktemp("sweep")
     done = subprocess.run(
         [sys.executable, str(ROOT / "src" / "train.py"), "-m", "optimizer=adam,sgd_steplr", "seed=0,1",
@@ -130,4 +131,9 @@ def tiny_sweep(tree_archive, tmp_path_factory) -> Path:
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return root / "sweep"
+    return root / "sweep", done
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tiny_sweep_run) -> Path:
+    return tiny_sweep_run[0]

@@ -17,33 +17,20 @@ def run(script: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     )
 
 
-def test_two_job_multirun(tree_archive, tmp_path):
-    sweep = tmp_path / "sweep"
-    done = run(
-        "train.py",
-        "-m",
-        "optimizer=adam,sgd_steplr",
-        "trainer.fast_dev_run=true",
-        "trainer=cpu",
-        f"data.root={tree_archive}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.val_size=20",
-        f"hydra.sweep.dir={sweep}",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_a_multirun_gives_each_job_its_folder_and_header_and_sums_up(tiny_sweep_run):
+    sweep, done = tiny_sweep_run  # optimizer=adam,sgd_steplr seed=0,1: four jobs, in one process
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert len(jobs) == 2
-    assert jobs[0].startswith("0_") and "optimizer=adam" in jobs[0]
-    assert jobs[1].startswith("1_") and "optimizer=sgd_steplr" in jobs[1]
+    assert [job[:2] for job in jobs] == ["0_", "1_", "2_", "3_"]
+    assert "optimizer=adam" in jobs[0] and "seed=0" in jobs[0] and "optimizer=sgd_steplr" in jobs[3]
     headers = [line for line in done.stdout.splitlines() if line.startswith("cnnlab · ")]  # each job says which it is
-    assert [" · job 1 of 2 · " in headers[0], " · job 2 of 2 · " in headers[1]] == [True, True]
-    assert "optimizer=sgd_steplr" in headers[1] and "StepLR" in headers[1]
+    assert [f" · job {n} of 4 · " in header for n, header in enumerate(headers, 1)] == [True] * 4
+    assert "optimizer=sgd_steplr" in headers[3] and "StepLR" in headers[3]
     for job in jobs:
         assert (sweep / job / ".hydra" / "config.yaml").is_file()
         assert "test/acc" in json.loads((sweep / job / "metrics.json").read_text())
     *_, job_line, summary = done.stdout.strip().splitlines()
-    assert job_line.startswith("test/acc=") and job_line.endswith(jobs[1])
-    assert summary == f"sweep: 2 of 2 jobs finished; {sweep}"
+    assert job_line.startswith("test/acc=") and job_line.endswith(jobs[3])
+    assert summary == f"sweep: 4 of 4 jobs finished; {sweep}"
 
 
 def test_single_run_dir_and_summary_line(tree_archive, tmp_path):
