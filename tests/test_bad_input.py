@@ -318,6 +318,7 @@ ELSEWHERE = {  # rows tested by another test, against the same line of the table
     "`trainer.accelerator=gpu` on a machine without a GPU": "here, where the machine has none",
     "`trainer.accelerator=mps` on a machine without an Apple GPU": "here, where the machine has none",
     "a disk that fills up while a checkpoint is written": "tests/test_resume.py (a small file system it mounts)",
+    "a resume that leaves out the training-time form its run trained in (`model.batchnorm=false`)": "test_levers.py",
     "`src/predict.py device=cuda` on a machine without a GPU": "test_predict_device_cuda_without_a_gpu, below",
 }
 

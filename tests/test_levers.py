@@ -1,5 +1,7 @@
-"""The levers past experiment=best (issue 21): test-time views, the whitened first layer, the expanded conv2."""
+"""The levers past experiment=best (issue 21): test-time views, the whitened first layer, the training-time forms
+(the expanded conv2, BatchNorm folded after training)."""
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -14,12 +16,14 @@ from cnnlab.data.batches import TensorBatches
 from cnnlab.data.tta import shifted, tta_logits
 from cnnlab.distill import distillation_loss
 from cnnlab.evaluate import evaluate
-from cnnlab.model import SlideCNN, expand_state, whiten_
+from cnnlab.model import SlideCNN, whiten_
 from cnnlab.module import INITIALISATION_IMAGES, LitClassifier
 from cnnlab.relations import mirrors_keep_the_class
 from cnnlab.train import build, train
 from cnnlab.trained import deployable_from_checkpoint, resolve_model_path
+from cnnlab.training_form import training_state
 from tests.conftest import compose_config, tiny_run
+from tests.test_bad_input import as_pattern, table_rows
 
 
 def small_net() -> nn.Module:
@@ -124,41 +128,53 @@ def test_a_run_whitens_conv1_from_its_training_split_and_a_frozen_conv1_keeps_it
     assert not torch.allclose(kept, by_hand.weight, atol=1e-3)
 
 
+FORMS = {"expand": {"expand": 128}, "batchnorm": {"batchnorm": True}, "both": {"expand": 128, "batchnorm": True}}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize(("stride", "padding", "channels_last"), [(1, 0, False), (1, 1, True), (2, 1, False)])
 @torch.no_grad()
-def test_an_expanded_conv2_contracts_into_one_kernel_with_the_same_outputs(stride, padding, channels_last):
+def test_a_training_time_form_contracts_into_the_slides_network_with_the_same_outputs(
+    form, stride, padding, channels_last
+):
     torch.manual_seed(0)
     settings = (3, 32, 10, 32, 3, 64, 4, stride, padding, "max", 2, 0.0, channels_last)
-    net = SlideCNN(*settings, expand=128).double().eval()
+    net = SlideCNN(*settings, **FORMS[form]).double()
     plain = sum(p.numel() for p in SlideCNN(*settings).parameters())
+    for norm in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):  # as if trained: stats, γ and β
+        norm.running_mean.normal_(), norm.running_var.uniform_(0.2, 3.0), norm.weight.normal_(), norm.bias.normal_()
     images = torch.randn(6, 3, 32, 32, dtype=torch.float64)
-    expanded = net(images)
+    net.eval()  # a BatchNorm folds as it computes in eval mode: with the mean and variance it tracked
+    before = net(images)
     assert sum(p.numel() for p in net.parameters()) > plain
     net.contract()
-    assert isinstance(net.conv2, nn.Conv2d) and net.conv2.weight.shape == (64, 32, 4, 4)
+    assert [type(layer) for layer in net] == [type(layer) for layer in SlideCNN(*settings)]
+    assert net.conv2.weight.shape == (64, 32, 4, 4)
     assert sum(p.numel() for p in net.parameters()) == plain  # 56,778 for the slides' settings
-    assert torch.allclose(net(images), expanded, atol=1e-12, rtol=0)  # float64: exact but for rounding
+    assert torch.allclose(net(images), before, atol=1e-12, rtol=0)  # float64: exact but for rounding
     assert net.conv2.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-def test_an_expanded_run_saves_tests_and_resumes_the_slides_network(tiny_overrides, tmp_path):
-    settings = [*tiny_overrides, "model.expand=8", "optimizer=sgd_steplr", "trainer.max_epochs=2",
-                "trainer.deterministic=true", "model.dropout=0"]  # fmt: skip
+@pytest.mark.parametrize(("form", "off"), [("model.expand=8", "model.expand=null"),
+                                           ("model.batchnorm=true", "model.batchnorm=false")])  # fmt: skip
+def test_a_run_in_a_training_time_form_saves_tests_and_resumes_the_slides_network(form, off, tiny_overrides, tmp_path):
+    settings = [*tiny_overrides, form, "optimizer=sgd_steplr", "trainer.max_epochs=2", "trainer.deterministic=true",
+                "model.dropout=0"]  # fmt: skip
     metrics = train(compose_config("train", [*settings, f"output_dir={tmp_path / 'whole'}"]))
     checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
     state = checkpoint["state_dict"]
     assert state["net.conv2.weight"].shape == (64, 32, 4, 4) and not any(".first." in key for key in state)
-    assert sum(v.numel() for k, v in state.items() if k.startswith("net.")) == 56_778
-    # the saved kernel is what the saved factors compute together
+    assert sum(v.numel() for k, v in state.items() if k.startswith("net.")) == 56_778  # no BatchNorm's either
+    # the saved weights compute what the training-time form computed
     datamodule, module, _ = build(compose_config("train", settings))
-    module.load_state_dict(expand_state(state, checkpoint["expanded_conv2"]))
+    module.load_state_dict(training_state(state, checkpoint["training_form"]))
     datamodule.setup("test")
     images = datamodule.normalize(datamodule.splits["test"][0])
     module.eval()
     with torch.no_grad():
-        expanded_logits = module(images)
+        trained_logits = module(images)
         module.net.contract()
-        assert torch.allclose(module(images), expanded_logits, atol=1e-5)
+        assert torch.allclose(module(images), trained_logits, atol=1e-5)
     evaluated = evaluate(compose_config("eval", [f"ckpt_path={metrics['best_checkpoint']}", *tiny_overrides[:2],
                                                  f"output_dir={tmp_path / 'eval'}"]))  # fmt: skip
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)  # the run tested the contracted net
@@ -168,13 +184,18 @@ def test_an_expanded_run_saves_tests_and_resumes_the_slides_network(tiny_overrid
     train(
         compose_config("train", [*settings, f"output_dir={stopped}", f"ckpt_path={stopped / 'checkpoints/last.ckpt'}"])
     )
-    with pytest.raises(UserError, match=r"trained with model.expand=8, which a resume goes on with"):
-        train(compose_config("train", [*settings, "model.expand=null", f"output_dir={stopped}",
+    with pytest.raises(UserError) as error:  # a resume goes on in the form it trained in
+        train(compose_config("train", [*settings, off, f"output_dir={stopped}",
                                        f"ckpt_path={stopped / 'checkpoints/last.ckpt'}"]))  # fmt: skip
+    assert f"was trained with {form}, which a resume goes on with: leave out {off}" in str(error.value)
+    if form == "model.batchnorm=true":  # docs/bad-input.md's line
+        row = "a resume that leaves out the training-time form its run trained in (`model.batchnorm=false`)"
+        assert re.fullmatch(as_pattern(table_rows()[row]), f"error: {error.value}")
     resumed = torch.load(stopped / "checkpoints/last.ckpt", weights_only=True)
     whole = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
-    for key, value in whole["expanded_conv2"].items():
-        assert torch.equal(resumed["expanded_conv2"][key], value), key
+    assert resumed["training_form"].keys() == whole["training_form"].keys()
+    for key, value in whole["training_form"].items():
+        assert torch.equal(resumed["training_form"][key], value), key
     assert all(torch.equal(resumed["state_dict"][k], v) for k, v in whole["state_dict"].items())
 
 
@@ -229,8 +250,9 @@ def test_a_run_with_a_teacher_trains_on_the_distillation_loss_of_the_same_pixels
     assert not any(key.startswith("teacher") for key in weights[1])  # the teacher is not saved with the student
 
 
-def test_the_shape_table_of_an_expanded_network_is_the_slides_network():
+@pytest.mark.parametrize("form", ["model.expand=64", "model.batchnorm=true"])
+def test_the_shape_table_of_a_training_time_form_is_the_slides_network(form):
     from cnnlab.api import shape_table
 
-    plain, expanded = shape_table([]), shape_table(["model.expand=64"])
-    assert expanded == plain and sum(row["parameters"] for row in expanded) == 56_778
+    plain, trained = shape_table([]), shape_table([form])
+    assert trained == plain and sum(row["parameters"] for row in trained) == 56_778

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cnnlab import UserError
+from cnnlab.training_form import BATCHNORM_EPS, ExpandedConv2d, contract_state
 
 
 def conv_output_size(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
@@ -110,70 +111,6 @@ def conv2_parameters(in_channels: int, out_channels: int, kernel: int, expand: i
     return expand * (in_channels * (kernel - 1) ** 2 + 1) + out_channels * (expand * 4 + 1)
 
 
-class ExpandedConv2d(nn.Sequential):
-    """A k×k convolution trained as two with nothing between them (ExpandNets, Guo et al., NeurIPS 2020): a
-    (k−1)×(k−1) convolution to `width` channels, then a 2×2 one. Two linear maps make one, so the pair computes
-    exactly what one k×k convolution can; it only gives training more parameters to find it with. `contracted()`
-    multiplies the pair back into the one k×k convolution: the network that is tested and saved is the slides'.
-
-    The padding is applied once, before the first; the stride is the second's: out = (in + 2·pad − k) / stride + 1,
-    as for the one k×k convolution.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int, width: int):
-        super().__init__(
-            OrderedDict(
-                first=nn.Conv2d(in_channels, width, kernel - 1, padding=padding),
-                second=nn.Conv2d(width, out_channels, 2, stride=stride),
-            )
-        )
-        self.stride, self.padding = stride, padding
-
-    def contracted(self) -> nn.Conv2d:
-        weight, bias = contract(self.first.weight, self.first.bias, self.second.weight, self.second.bias)
-        conv = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[-1], stride=self.stride, padding=self.padding)
-        conv.to(weight.device, weight.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            conv.bias.copy_(bias)
-        return conv
-
-
-@torch.no_grad()
-def contract(w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The one convolution that a (k−1)×(k−1) convolution (w1, b1) followed by a 2×2 one (w2, b2) computes:
-    y = w2 ⋆ (w1 ⋆ x + b1) + b2, so kernel[o, i, a + u, b + v] = Σ_m w2[o, m, a, b] · w1[m, i, u, v], and the first
-    bias passes through the second kernel's sum: bias = b2 + Σ_m (Σ_ab w2[o, m, a, b]) · b1[m]. In float64."""
-    dtype, device = w1.dtype, w1.device  # in float64 on the CPU (an Apple GPU has no float64)
-    w1, b1, w2, b2 = (t.detach().cpu().double() for t in (w1, b1, w2, b2))
-    inner = w1.shape[-1]
-    kernel = w1.new_zeros(w2.shape[0], w1.shape[1], inner + 1, inner + 1)
-    for a in range(2):
-        for b in range(2):
-            kernel[:, :, a : a + inner, b : b + inner] += torch.einsum("om,mihw->oihw", w2[:, :, a, b], w1)
-    bias = b2 + w2.sum((2, 3)) @ b1
-    return kernel.to(device, dtype), bias.to(device, dtype)
-
-
-def contract_state(state: dict, prefix: str = "net.conv2.") -> tuple[dict, dict]:
-    """A state dict with an expanded conv2 → (the state dict with the one contracted conv2, the expanded entries)."""
-    expanded = {key: value for key, value in state.items() if key.startswith((prefix + "first.", prefix + "second."))}
-    if not expanded:
-        return state, {}
-    weight, bias = contract(*(expanded[prefix + name] for name in ("first.weight", "first.bias", "second.weight",
-                                                                   "second.bias")))  # fmt: skip
-    kept = {key: value for key, value in state.items() if key not in expanded}
-    return {**kept, prefix + "weight": weight, prefix + "bias": bias}, expanded
-
-
-def expand_state(state: dict, expanded: dict, prefix: str = "net.conv2.") -> dict:
-    """contract_state's inverse, for a resumed run that trains on in the expanded form."""
-    if not expanded:
-        return state
-    return {**{key: value for key, value in state.items() if key not in (prefix + "weight", prefix + "bias")},
-            **expanded}  # fmt: skip
-
-
 class SlideCNN(nn.Sequential):
     """conv · ReLU · pool · conv · ReLU · pool · dropout · fc, with every size taken from the config.
 
@@ -198,6 +135,7 @@ class SlideCNN(nn.Sequential):
         init: str = "default",  # (defaults for checkpoints saved before these keys: conf/model has them all)
         conv1_frozen: bool = False,
         expand: int | None = None,
+        batchnorm: bool = False,
     ):
         if pool not in POOLS:
             raise UserError(f"model.pool={pool!r} is not a pooling layer: use one of {sorted(POOLS)}")
@@ -211,11 +149,13 @@ class SlideCNN(nn.Sequential):
         super().__init__(
             OrderedDict(
                 conv1=nn.Conv2d(in_channels, conv1_channels, conv1_kernel, stride=stride, padding=padding),
+                **({"norm1": nn.BatchNorm2d(conv1_channels, BATCHNORM_EPS)} if batchnorm else {}),
                 relu1=nn.ReLU(),
                 pool1=POOLS[pool](pool_size),
                 conv2=nn.Conv2d(conv1_channels, conv2_channels, conv2_kernel, stride=stride, padding=padding)
                 if not expand
                 else ExpandedConv2d(conv1_channels, conv2_channels, conv2_kernel, stride, padding, expand),
+                **({"norm2": nn.BatchNorm2d(conv2_channels, BATCHNORM_EPS)} if batchnorm else {}),
                 relu2=nn.ReLU(),
                 pool2=POOLS[pool](pool_size),
                 flatten=nn.Flatten(),
@@ -238,12 +178,26 @@ class SlideCNN(nn.Sequential):
         """Whether conv2 is still in its training-time form (model.expand), not yet contracted."""
         return isinstance(self.conv2, ExpandedConv2d)
 
+    @property
+    def in_training_form(self) -> bool:
+        """Whether the network still has its training-time layers (model.expand, model.batchnorm)."""
+        return self.expanded or "norm1" in self._modules
+
     def contract(self) -> None:
-        """An expanded conv2 (model.expand) becomes the one convolution it computes: the slides' network again."""
+        """The training-time form becomes the slides' network again (cnnlab.training_form): an expanded conv2 the
+        one convolution it computes, each BatchNorm folded into the convolution before it (with the mean and
+        variance it tracked: as in eval mode)."""
+        if not self.in_training_form:
+            return
+        state, _ = contract_state(self.state_dict(), prefix="")
         if self.expanded:
-            self.conv2 = self.conv2.contracted()
-            if self.channels_last:
-                self.conv2.to(memory_format=torch.channels_last)
+            self.conv2 = self.conv2.contracted_shape()
+        for norm in ("norm1", "norm2"):
+            if norm in self._modules:
+                delattr(self, norm)
+        self.load_state_dict(state)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def initialise(self, train_images: torch.Tensor) -> None:
         """The initialisations that need the data, before training (LitClassifier.setup): model.init=whitened

@@ -12,9 +12,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from cnnlab import UserError
 from cnnlab.data.tta import tta_logits, tta_mode
 from cnnlab.distill import distillation_loss, load_teacher
-from cnnlab.model import contract_state, expand_state
 from cnnlab.pictures import confusion_figure
 from cnnlab.tracking import PICTURE_LOGGERS, log_picture, tracker_runs
+from cnnlab.training_form import contract_state, saved_training_form, training_state
 
 INITIALISATION_IMAGES = 5000  # airbench's sample for its whitened first layer
 
@@ -160,17 +160,17 @@ class LitClassifier(LightningModule):
         self.train_sums, self.train_images = torch.zeros(2, device=self.device), 0
 
     def on_fit_end(self) -> None:
-        # model.expand: the expanded conv2 becomes the one convolution it computes, so that the test (and all that
-        # loads the checkpoints: eval, predict, export) sees the slides' network
+        # model.expand, model.batchnorm: the training-time form is contracted into the slides' network, so that the
+        # test (and all that loads the checkpoints: eval, predict, export) sees that network
         if hasattr(self.net, "contract"):
             self.net.contract()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # A checkpoint holds the slides' network: an expanded conv2 contracted into one, its two factors kept
-        # beside the weights for a resumed run, which trains on with them (on_load_checkpoint)
-        checkpoint["state_dict"], expanded = contract_state(checkpoint["state_dict"])
-        if expanded:
-            checkpoint["expanded_conv2"] = expanded
+        # A checkpoint holds the slides' network: a training-time form contracted (cnnlab.training_form), the
+        # entries it replaced kept beside the weights for a resumed run, which trains on with them (on_load_checkpoint)
+        checkpoint["state_dict"], replaced = contract_state(checkpoint["state_dict"])
+        if replaced:
+            checkpoint["training_form"] = replaced
         checkpoint["train_sums"] = {"sums": self.train_sums.cpu(), "images": self.train_images}
         checkpoint["trackers"] = tracker_runs(self.loggers)  # a resumed run continues its MLflow / W&B run
         datamodule = self.trainer.datamodule
@@ -187,8 +187,8 @@ class LitClassifier(LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if getattr(self.net, "expanded", False):  # an expanded conv2 still training: a resumed run
-            checkpoint["state_dict"] = expand_state(checkpoint["state_dict"], checkpoint.get("expanded_conv2", {}))
+        if getattr(self.net, "in_training_form", False):  # still training in it: a resumed run
+            checkpoint["state_dict"] = training_state(checkpoint["state_dict"], saved_training_form(checkpoint))
         if "train_sums" in checkpoint:
             self.train_sums, self.train_images = checkpoint["train_sums"]["sums"], checkpoint["train_sums"]["images"]
 
@@ -218,8 +218,10 @@ class LitClassifier(LightningModule):
 
 
 def contracted_config(model_config: dict) -> dict:
-    """The config of the network a checkpoint holds: an expanded conv2 (model.expand) is saved contracted."""
-    return {**model_config, "expand": None} if model_config.get("expand") else model_config
+    """The config of the network a checkpoint holds: a training-time form (model.expand, model.batchnorm) is saved
+    contracted."""
+    forms = {key: value for key, value in (("expand", None), ("batchnorm", False)) if model_config.get(key)}
+    return {**model_config, **forms}
 
 
 def per_class_chart(accuracy: dict[str, float]):

@@ -82,6 +82,7 @@ def the_network_fits(cfg) -> str | None:
     flat = c2 * steps[-1].size_out ** 2 + 1  # fc1's inputs, + its bias
     expand = model.get("expand") or 0  # conv2 trained as a (k−1)×(k−1) conv to `expand` channels, then a 2×2 one
     parameters = c1 * (model.in_channels * k1**2 + 1) + conv2_parameters(c1, c2, k2, expand) + flat * model.num_classes
+    parameters += 2 * (c1 + c2) if model.get("batchnorm") else 0  # γ and β of each channel's BatchNorm
     memory = machine_memory()
     if 16 * parameters > memory:  # weights, gradients and two optimizer states, 4 bytes each
         keys = ("image_size", "in_channels", "conv1_channels", "conv2_channels", "num_classes", "padding", "expand")

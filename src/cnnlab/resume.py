@@ -23,8 +23,8 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 
 from cnnlab import UserError, write_atomically
 from cnnlab.checkpoints import LAST
-from cnnlab.model import expand_state
 from cnnlab.module import per_step
+from cnnlab.training_form import form_overrides, saved_training_form, training_state
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,13 @@ def check_shapes(module: LightningModule, checkpoint: dict, path: Path) -> None:
     """Refuse a checkpoint of another network before Lightning loads it (and fails with a long traceback)."""
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     state = checkpoint["state_dict"]
-    if "net.conv2.first.weight" in expected:  # model.expand: the factors of conv2 kept beside its contracted form
-        state = expand_state(state, checkpoint.get("expanded_conv2", {}))
-    elif "expanded_conv2" in checkpoint:  # its optimizer's state is the factors': it goes on only with them
-        width = checkpoint["expanded_conv2"]["net.conv2.first.weight"].shape[0]
-        raise UserError(f"ckpt_path={path} was trained with model.expand={width}, which a resume goes on with: "
-                        f"leave out model.expand=null")  # fmt: skip
+    replaced = saved_training_form(checkpoint)  # model.expand, model.batchnorm: kept beside the contracted form
+    if getattr(module.net, "in_training_form", False):
+        state = training_state(state, replaced)
+    elif replaced:  # its optimizer's state is the training-time form's: it goes on only in that form
+        overrides = form_overrides(replaced)
+        raise UserError(f"ckpt_path={path} was trained with {' '.join(overrides)}, which a resume goes on with: "
+                        f"leave out {' '.join(overrides.values())}")  # fmt: skip
     saved = {name: tuple(t.shape) for name, t in state.items()}
     differ = [
         f"{name} {saved[name]} vs {expected[name]} here"

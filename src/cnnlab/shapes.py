@@ -29,7 +29,7 @@ def configured_network(cfg) -> nn.Sequential:
     check(cfg, builds=("model",))  # the data is read, not built: no Lightning
     follow_the_data(cfg)
     net = instantiate(cfg.model)
-    net.contract()  # model.expand trains conv2 as two convolutions; what is tested and saved is the one they make
+    net.contract()  # model.expand, model.batchnorm: training-time forms; what is tested and saved is the slides' net
     return net
 
 
