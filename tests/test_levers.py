@@ -19,9 +19,10 @@ from cnnlab.evaluate import evaluate
 from cnnlab.model import SlideCNN, whiten_
 from cnnlab.module import INITIALISATION_IMAGES, LitClassifier
 from cnnlab.relations import mirrors_keep_the_class
+from cnnlab.resume import check_shapes
 from cnnlab.train import build, train
 from cnnlab.trained import deployable_from_checkpoint, resolve_model_path
-from cnnlab.training_form import training_state
+from cnnlab.training_form import contract_state, training_state
 from tests.conftest import compose_config, tiny_run
 from tests.test_bad_input import as_pattern, table_rows
 
@@ -153,6 +154,18 @@ def test_a_training_time_form_contracts_into_the_slides_network_with_the_same_ou
     assert sum(p.numel() for p in net.parameters()) == plain  # 56,778 for the slides' settings
     assert torch.allclose(net(images), before, atol=1e-12, rtol=0)  # float64: exact but for rounding
     assert net.conv2.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("kept", ["expand", "batchnorm"])
+def test_a_resume_that_drops_one_of_two_training_time_forms_is_refused(kept, tmp_path):
+    settings = (3, 32, 10, 32, 3, 64, 4, 1, 0, "max", 2, 0.5, False)
+    state, replaced = contract_state(LitClassifier(SlideCNN(*settings, **FORMS["both"])).state_dict())
+    checkpoint = {"state_dict": state, "training_form": replaced}
+    check_shapes(LitClassifier(SlideCNN(*settings, **FORMS["both"])), checkpoint, tmp_path / "last.ckpt")  # goes on
+    with pytest.raises(UserError) as error:
+        check_shapes(LitClassifier(SlideCNN(*settings, **FORMS[kept])), checkpoint, tmp_path / "last.ckpt")
+    dropped = "model.batchnorm=true" if kept == "expand" else "model.expand=128"
+    assert f"was trained with {dropped}, which a resume goes on with: leave out" in str(error.value)
 
 
 @pytest.mark.parametrize(("form", "off"), [("model.expand=8", "model.expand=null"),

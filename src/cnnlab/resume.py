@@ -49,12 +49,12 @@ def check_shapes(module: LightningModule, checkpoint: dict, path: Path) -> None:
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     state = checkpoint["state_dict"]
     replaced = saved_training_form(checkpoint)  # model.expand, model.batchnorm: kept beside the contracted form
-    if getattr(module.net, "in_training_form", False):
-        state = training_state(state, replaced)
-    elif replaced:  # its optimizer's state is the training-time form's: it goes on only in that form
-        overrides = form_overrides(replaced)
-        raise UserError(f"ckpt_path={path} was trained with {' '.join(overrides)}, which a resume goes on with: "
-                        f"leave out {' '.join(overrides.values())}")  # fmt: skip
+    own = form_overrides(module.state_dict()).values()  # the forms this command trains in
+    dropped = {form: off for form, off in form_overrides(replaced).items() if off not in own}
+    if dropped:  # its optimizer's state is the training-time form's: it goes on only in that form
+        raise UserError(f"ckpt_path={path} was trained with {' '.join(dropped)}, which a resume goes on with: "
+                        f"leave out {' '.join(dropped.values())}")  # fmt: skip
+    state = training_state(state, replaced)
     saved = {name: tuple(t.shape) for name, t in state.items()}
     differ = [
         f"{name} {saved[name]} vs {expected[name]} here"
