@@ -88,6 +88,9 @@ PAST_BEST = [
     # 38.7 % after one epoch against 57.6 %, and its loss rose in epoch 3: stopped after 4)
     ("25-batchnorm", "BatchNorm after conv1 and conv2 while training, folded into them after (model.batchnorm)",
      ["model.batchnorm=true"]),
+    # the two training-time forms together: 23 and 25 each validated above best, neither by more than its spread
+    ("26-batchnorm-expand64", "25 and 23 together (model.batchnorm=true model.expand=64)",
+     ["model.batchnorm=true", "model.expand=64"]),
 ]  # fmt: skip
 
 
