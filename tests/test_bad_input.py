@@ -210,6 +210,12 @@ IN_PROCESS.update(
         "`scheduler.step_size=0` (Option 2)": lambda t: ["optimizer=sgd_steplr", "scheduler.step_size=0"],
         "`trainer.max_epochs` below 1 (`trainer.max_epochs=-5`)": lambda t: ["trainer.max_epochs=-5"],
         "a run that would never end (`trainer.max_epochs=-1`)": lambda t: ["trainer.max_epochs=-1"],
+        "`data.refine_epochs` in a run without crops (`data.refine_epochs=2`)": lambda t: ["data.refine_epochs=2"],
+        "`data.refine_epochs` not fewer than the run's epochs": lambda t: [
+            "data.augment=true",
+            "trainer.max_epochs=3",
+            "data.refine_epochs=3",
+        ],
         "a key made wrong by the key it follows (`optimizer=sgd_cosine trainer.max_epochs=-1`)": lambda t: [
             "optimizer=sgd_cosine",
             "trainer.max_epochs=-1",

@@ -192,3 +192,18 @@ def test_random_crop_flip_gives_shifted_or_mirrored_windows():
         flipped_any |= any(flip for _, _, flip in match)
         shifted_any |= any((dy, dx) != (2, 2) for dy, dx, _ in match)
     assert flipped_any and shifted_any
+
+
+def test_the_last_refine_epochs_train_on_uncropped_images(tree_archive, tmp_path):
+    """data.refine_epochs=2 of 5: epochs 0–2 crop, 3 and 4 see each image whole (as it is, or mirrored)."""
+    dm = datamodule(tree_archive, tmp_path, "data.augment=true", "data.crop_padding=4", "data.refine_epochs=2")
+    torch.manual_seed(0)
+    raw = next(iter(dm.train_dataloader()))
+    whole = dm.normalize(raw[0])
+
+    def uncropped(epoch: int) -> bool:
+        dm.trainer = SimpleNamespace(training=True, current_epoch=epoch, max_epochs=5)
+        out, _ = dm.on_after_batch_transfer(raw, 0)
+        return all(torch.equal(o, w) or torch.equal(o, w.flip(-1)) for o, w in zip(out, whole, strict=True))
+
+    assert [uncropped(epoch) for epoch in range(5)] == [False, False, False, True, True]

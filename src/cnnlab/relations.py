@@ -69,6 +69,22 @@ def crops_fit_the_image(cfg) -> str | None:
     return None
 
 
+def refinement_follows_crops(cfg) -> str | None:
+    """data.refine_epochs: the last epochs of a run whose other epochs crop."""
+    data, trainer = cfg.get("data"), cfg.get("trainer")
+    refine = (data or {}).get("refine_epochs") or 0
+    if not refine or trainer is None:
+        return None
+    if not data.augment or not data.crop_padding:
+        return (f"data.refine_epochs={refine} refines on uncropped images after crops, but the run does not crop "
+                f"(data.augment={str(data.augment).lower()}, data.crop_padding={data.crop_padding}): set "
+                f"data.augment=true and data.crop_padding ≥ 1, or data.refine_epochs=0")  # fmt: skip
+    if trainer.max_epochs == -1 or refine >= trainer.max_epochs:
+        return (f"data.refine_epochs={refine} must be fewer than trainer.max_epochs={trainer.max_epochs}: they are "
+                f"the run's last epochs, after some with crops")  # fmt: skip
+    return None
+
+
 def the_network_fits(cfg) -> str | None:
     """Its shapes fit its input (the formula, layer by layer), and training it, with a batch, fits in memory."""
     from cnnlab.model import conv2_parameters, size_steps
@@ -202,6 +218,6 @@ def the_devices_exist(cfg) -> str | None:
 
 
 RELATIONS = [mean_and_std_fit_the_channels, the_network_follows_the_data, mirrors_keep_the_class,
-             crops_fit_the_image, the_network_fits, checkpoints_rank_by_a_metric,
+             crops_fit_the_image, refinement_follows_crops, the_network_fits, checkpoints_rank_by_a_metric,
              the_run_ends, nesterov_has_momentum, the_devices_exist, the_data_is_there, the_teacher_is_there,
              the_output_dir_can_be_written]  # fmt: skip

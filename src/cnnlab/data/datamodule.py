@@ -56,6 +56,7 @@ class ImageDataModule(LightningDataModule):
         num_classes: int | None,  # None: as many as the data has
         seed: int,  # the epochs' orders are drawn from (seed, epoch): conf/data/cifar10.yaml takes the run's seed
         tta: bool = False,  # read by LitClassifier's test step and by eval.py, not here
+        refine_epochs: int = 0,  # the last epochs without crops (flips kept)
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -140,8 +141,16 @@ class ImageDataModule(LightningDataModule):
         images, labels = batch
         images = self.normalize(images)
         if self.hparams.augment and self.trainer is not None and self.trainer.training:
-            images = random_crop_flip(images, self.hparams.crop_padding, self.hparams.flip)
+            images = random_crop_flip(images, self.crop_padding_in(self.trainer.current_epoch), self.hparams.flip)
         return images, labels
+
+    def crop_padding_in(self, epoch: int) -> int:
+        """The crops' padding in `epoch`: none in the last data.refine_epochs (He et al. 2019, "Data augmentation
+        revisited": a network trained on augmented images, refined on images as they are tested, closes the gap
+        between the two; flips stay, a mirror image being as natural as the image)."""
+        refine = self.hparams.refine_epochs
+        last_epochs = self.trainer is not None and epoch >= self.trainer.max_epochs - refine
+        return 0 if refine and last_epochs else self.hparams.crop_padding
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 0–255 → float, normalised per channel (cnnlab.data.pixels), with scale and shift kept per device."""
