@@ -90,8 +90,11 @@ def test_the_recipes_past_the_slides_keep_the_slides_network(experiment):
 
     slides, recipe = compose_config("train", []).model, compose_config("train", [f"experiment={experiment}"]).model
     net = instantiate(recipe)
+    net.contract()  # a training-time form (best's BatchNorms) is folded away when training ends
     assert sum(p.numel() for p in net.parameters()) == 56_778
-    tunable = {"channels_last", "dropout"}  # the memory layout (the same math), and the dropout rate (issue 12)
+    assert not net.in_training_form
+    # the memory layout (the same math), the dropout rate (issue 12), and the training-time BatchNorms (issue 21)
+    tunable = {"channels_last", "dropout", "batchnorm"}
     assert {k: v for k, v in recipe.items() if k not in tunable} == {
         k: v for k, v in slides.items() if k not in tunable
     }
