@@ -102,6 +102,9 @@ PAST_BEST = [
     # the crops regularise a network that underfits: its last epochs on whole images (He et al. 2019)
     ("29-batchnorm-refine10", "25 with its last 10 epochs uncropped, flips kept (data.refine_epochs=10)",
      ["model.batchnorm=true", "data.refine_epochs=10"]),
+    # 28 is experiment=best now (bf16 on a CPU with native bf16); less dropout on it, first on one seed
+    ("30-best120-dropout01", "28 (experiment=best now) with dropout 0.25 → 0.1",
+     ["model.batchnorm=true", "trainer.max_epochs=120", "model.dropout=0.1"]),
 ]  # fmt: skip
 
 
