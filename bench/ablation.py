@@ -68,7 +68,7 @@ GREEDY = [
     ("20-smoothing", "label smoothing 0.1", ["loss.label_smoothing=0.1"]),
 ]  # fmt: skip
 # experiment=best as it was when issue 21 began (step 18: 60 epochs, no BatchNorm), the base of every PAST_BEST step;
-# best has since taken steps 25 and 28's BatchNorm and 120 epochs, so `experiment=best` alone would be step 28 now.
+# best has since taken steps 25, 28 and 31's BatchNorm and 200 epochs, so `experiment=best` alone would be step 31 now.
 BEST_OF_STEP_18 = ["experiment=best", "model.batchnorm=false", "trainer.max_epochs=60", "data.tta=true"]
 # Past experiment=best (issue 21): each lever alone on top of it, then together, each with seeds 0, 1, 2 (the
 # effects are of the size of the seeds' spread), into outputs/ablation/<step>/seed-<n>/; `--past-best` runs them.
