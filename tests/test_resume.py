@@ -350,7 +350,13 @@ def test_ckpt_path_last_after_a_fast_cpu_run_resumes_with_that_runs_config(tiny_
     assert f"{fastest_cpu_precision()} on cpu" in resumed.stdout + resumed.stderr
 
     # An override that contradicts the checkpoint: one line naming the keys, before Lightning loads anything.
-    adam = [*tiny_overrides, "optimizer=adam", f"ckpt_path={tmp_path / 'stopped.ckpt'}", "data.batch_size=16"]
+    adam = [
+        *tiny_overrides,
+        "optimizer=adam",
+        f"ckpt_path={tmp_path / 'stopped.ckpt'}",
+        "data.batch_size=16",
+        "model.batchnorm=true",
+    ]  # as fast_cpu trains it (a different model.batchnorm has its own line)
     with pytest.raises(UserError, match=r"was trained with optimizer=torch.optim.SGD, scheduler=torch.optim.lr_sch"
                                         r"eduler.OneCycleLR; this command asks for optimizer=torch.optim.Adam, "
                                         r"scheduler=None: a resume goes on with its run's own optimizer and "
