@@ -183,9 +183,9 @@ after the other, from a warm cache (decoded, and read once before the first run)
 test set is scored after every epoch (the scoring time is left out) and the run stops at the first epoch at or
 above 70.51 %. **slides**: the defaults (Adam, fp32, batch 64); **fast_cpu**: `experiment=fast_cpu` (channels_last,
 bf16, batch 128, one-cycle SGD to lr 0.04 over 3 epochs, BatchNorm while training, no dropout). Start-up: process
-start to the first training step. Training s: first step to the epoch that reaches 70.51 %, validation included. The run's
-test/acc: its own metrics.json (the checkpoint it tested). Training images/s: the median epoch after the first,
-validation left out.
+start to the first training step. Training s: first step to the epoch that reaches 70.51 %, validation included.
+The run's test/acc: its own metrics.json (the checkpoint it tested). Training images/s: the median epoch after the
+first, validation left out.
 """
 
 
