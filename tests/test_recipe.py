@@ -14,6 +14,7 @@ from cnnlab.evaluate import evaluate, score
 from cnnlab.module import LitClassifier
 from cnnlab.train import build, train
 from cnnlab.trained import Model
+from cnnlab.training_form import contract_state
 from tests.conftest import compose_config
 
 
@@ -59,6 +60,22 @@ def test_ema_weights_are_validated_tested_and_saved(tiny_overrides, tmp_path):
     evaluated = evaluate(compose_config("eval", [*tiny_overrides, f"ckpt_path={metrics['best_checkpoint']}",
                                                  f"output_dir={tmp_path / 'eval'}"]))  # fmt: skip
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)
+
+
+def test_ema_of_a_batchnorm_run_folds_the_averaged_weights_and_statistics(tiny_overrides, tmp_path):
+    # experiment=best's BatchNorms with callbacks=ema: what is tested and saved is the slides' network, its conv
+    # weights the fold of the *averaged* conv and BatchNorm (weights and running statistics), not of the raw ones
+    overrides = [*tiny_overrides, "model.batchnorm=true", "callbacks=ema", "callbacks.ema.decay=0.5"]
+    metrics = train(compose_config("train", overrides))
+    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=True)
+    saved, averaged, raw = checkpoint["state_dict"], checkpoint["training_form"], checkpoint["current_model_state"]
+    assert not any("norm" in key for key in saved)  # the slides' layers only
+    folded = contract_state({**saved, **averaged})[0]
+    assert torch.allclose(folded["net.conv2.weight"], saved["net.conv2.weight"])
+    assert not torch.allclose(contract_state(raw)[0]["net.conv2.weight"], saved["net.conv2.weight"])
+    evaluated = evaluate(compose_config("eval", [*overrides, f"ckpt_path={metrics['best_checkpoint']}",
+                                                 f"output_dir={tmp_path / 'eval'}"]))  # fmt: skip
+    assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)  # the run's test scored them
 
 
 def test_flip_tta_is_reported_beside_the_single_view_accuracy(tiny_overrides, tmp_path):
