@@ -127,6 +127,9 @@ PAST_BEST = [
     # 120 → 200 epochs validated +0.63 (step 31): the network still underfits at 200, so half as long again.
     ("36-best300", "31 (experiment=best now) over 300 epochs (the cosine stretched to them)",
      [*BEST_NOW, "trainer.max_epochs=300"]),
+    # At 40 epochs of StepLR (step 12) EMA did not validate; on BatchNorm and a cosine to 0 it had not been tried.
+    ("37-best200-ema", "31 (experiment=best now) with an EMA of the weights (decay 0.999)",
+     [*BEST_NOW, "callbacks=ema"]),
 ]  # fmt: skip
 
 
