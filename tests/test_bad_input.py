@@ -151,7 +151,11 @@ IN_PROCESS = {
     "more classes in the data than `model.num_classes`": lambda t: ["model.num_classes=5"],
     "`optimizer.lr` < 0": lambda t: ["optimizer.lr=-0.1"],
     "`data.batch_size` < 1": lambda t: ["data.batch_size=0"],
-    "`data.val_size` < 1": lambda t: ["data.val_size=0"],
+    "`data.val_size` < 0": lambda t: ["data.val_size=-1"],
+    "early stopping without validation (`callbacks=early_stopping data.val_size=0`)": lambda t: [
+        "callbacks=early_stopping",
+        "data.val_size=0",
+    ],
     "`data.val_size` ≥ the training images": lambda t: ["data.val_size=80"],
     "`model.dropout` outside [0, 1)": lambda t: ["model.dropout=1.0"],
     "`loss.label_smoothing` outside [0, 1)": lambda t: ["loss.label_smoothing=1.0"],
@@ -271,6 +275,11 @@ COMMAND_LINE = {
         "hparams_search=optuna",
         "hydra.sweeper.pruner=median",
         "hydra.sweeper.metric=test/acc",
+    ],
+    "a search of a validation metric without validation (`hparams_search=optuna data.val_size=0`)": [
+        "-m",
+        "hparams_search=optuna",
+        "data.val_size=0",
     ],
 }
 

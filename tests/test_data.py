@@ -126,6 +126,12 @@ def test_validation_split_does_not_depend_on_the_seed(tree_archive, tmp_path):
         datamodule(tree_archive, tmp_path, "data.val_size=80")
 
 
+def test_val_size_0_trains_on_every_training_image(tree_archive, tmp_path):
+    dm = datamodule(tree_archive, tmp_path, "data.val_size=0")
+    assert set(dm.splits) == {"train", "test"} and len(dm.splits["train"][1]) == 80  # the tiny set's 80
+    assert dm.val_dataloader() == []  # Lightning validates nothing
+
+
 def test_batches_cover_every_image_once_per_epoch():
     labels = torch.arange(10)
     batches = TensorBatches(labels[:, None] * 2, labels, batch_size=4, shuffle=True)

@@ -111,6 +111,26 @@ def test_a_run_resumed_in_another_folder_still_tests_an_earlier_better_checkpoin
     assert resumed["best_checkpoint"] == trained["best_checkpoint"]  # but the earlier one is better: tested
 
 
+@pytest.mark.parametrize(
+    ("no_validation", "training_images"), [("data.val_size=0", 80), ("trainer.limit_val_batches=0", 60)]
+)
+def test_a_run_without_validation_keeps_and_tests_its_last_epoch(
+    tiny_overrides, tmp_path, no_validation, training_images
+):
+    # data.val_size=0: every training image of the tiny set (80) trains; with 20 held out and not validated, 60.
+    # Nothing ranks the epochs, so the checkpoint kept and tested is the last epoch's, written at its end.
+    metrics = train(compose_config("train", [*tiny_overrides, no_validation, "trainer.max_epochs=2"]))
+    assert metrics["val/acc_best"] is None
+    assert metrics["global_step"] == 2 * math.ceil(training_images / 16)  # 2 epochs of batches of 16
+    folder = tmp_path / "run" / "checkpoints"
+    assert metrics["best_checkpoint"] == str(folder / "epoch_001.ckpt")
+    assert sorted(path.name for path in folder.glob("*.ckpt")) == ["epoch_001.ckpt", "last.ckpt"]
+    assert torch.load(folder / "epoch_001.ckpt", weights_only=True)["epoch"] == 1
+    evaluated = evaluate(compose_config("eval", [*tiny_overrides, f"ckpt_path={metrics['best_checkpoint']}",
+                                                 f"output_dir={tmp_path / 'eval'}"]))  # fmt: skip
+    assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)  # the test scored that epoch
+
+
 def test_evaluate_needs_no_model_flags_for_a_self_describing_checkpoint(tiny_overrides, tmp_path):
     trained = train(compose_config("train", [*tiny_overrides, "model.conv1_channels=16", "model.pool=avg"]))
     ev = [*tiny_overrides, f"ckpt_path={trained['best_checkpoint']}", f"output_dir={tmp_path / 'ev'}"]

@@ -113,18 +113,20 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
     ]
     for label, members in groups.items():
         test = [100 * job.metrics["test/acc"] for job in members]
-        val = [100 * job.metrics["val/acc_best"] for job in members]
+        val = [100 * job.metrics["val/acc_best"] for job in members if job.metrics["val/acc_best"] is not None]
         epochs = sorted({job.metrics["epochs"] for job in members})
         wall = statistics.mean(job.metrics["wall_s"] for job in members)
         slides = [f"{name}: {100 * acc:.2f}" for part, (name, acc) in SLIDES.items() if part in label.split(",")]
+        val = mean_std(val) if val else "–"  # no validation: data.val_size=0
         lines.append(
-            f"| {label} | {len(members)} | {mean_std(test)} | {min(test):.2f} – {max(test):.2f} | {mean_std(val)} "
+            f"| {label} | {len(members)} | {mean_std(test)} | {min(test):.2f} – {max(test):.2f} | {val} "
             f"| {'/'.join(map(str, epochs))} | {wall:.0f} | {', '.join(slides) or '–'} |"
         )
     lines += ["", "| job | test acc | best val acc | epochs | wall s |", "| --- | --- | --- | --- | --- |"]
     for job in finished:
-        test, val = 100 * job.metrics["test/acc"], 100 * job.metrics["val/acc_best"]
-        lines.append(f"| {job.name} | {test:.2f} | {val:.2f} | {job.metrics['epochs']} | {job.metrics['wall_s']:.0f} |")
+        test, val = 100 * job.metrics["test/acc"], job.metrics["val/acc_best"]  # None: data.val_size=0
+        val = "–" if val is None else f"{100 * val:.2f}"
+        lines.append(f"| {job.name} | {test:.2f} | {val} | {job.metrics['epochs']} | {job.metrics['wall_s']:.0f} |")
     if failed:
         lines += ["", "Jobs that did not finish (no metrics.json):", ""]
         lines += [f"- {job.name}: {job.outcome}" for job in failed]

@@ -133,6 +133,28 @@ def checkpoints_rank_by_a_metric(cfg) -> str | None:
     return None
 
 
+def validation_off(cfg) -> str | None:
+    """Why this run validates nothing (data.val_size=0: every training image trains; trainer.limit_val_batches=0),
+    or None when it validates. Such a run keeps and tests its last epoch (cnnlab.train.build)."""
+    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    if data.get("val_size", 1) == 0:
+        return "data.val_size=0 holds no training images out for validation"
+    if trainer.get("limit_val_batches", None) == 0:
+        return "trainer.limit_val_batches=0 runs no validation"
+    return None
+
+
+def what_watches_validation_has_it(cfg) -> str | None:
+    """A callback that decides on a validation metric needs validations (the checkpoints keep the last epoch then)."""
+    if (why := validation_off(cfg)) is None:
+        return None
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is not None and str(node.get("_target_", "")).endswith("EarlyStopping"):
+            return (f"callbacks.{name} stops the run on {node.get('monitor')}, but {why}: hold some out (e.g. "
+                    f"data.val_size=5000) or train without it (callbacks=default)")  # fmt: skip
+    return None
+
+
 def the_run_ends(cfg) -> str | None:
     trainer = cfg.get("trainer")
     if trainer is not None and cfg.get("optimizer") is not None and trainer.max_epochs == -1 == trainer.max_steps:
@@ -219,5 +241,5 @@ def the_devices_exist(cfg) -> str | None:
 
 RELATIONS = [mean_and_std_fit_the_channels, the_network_follows_the_data, mirrors_keep_the_class,
              crops_fit_the_image, refinement_follows_crops, the_network_fits, checkpoints_rank_by_a_metric,
-             the_run_ends, nesterov_has_momentum, the_devices_exist, the_data_is_there, the_teacher_is_there,
-             the_output_dir_can_be_written]  # fmt: skip
+             what_watches_validation_has_it, the_run_ends, nesterov_has_momentum, the_devices_exist,
+             the_data_is_there, the_teacher_is_there, the_output_dir_can_be_written]  # fmt: skip

@@ -23,6 +23,7 @@ from cnnlab.pictures import top_confusions
 from cnnlab.process import emulated_bf16, keep_freed_memory, share_the_machine
 from cnnlab.provenance import log_metadata, run_metadata
 from cnnlab.quiet import quiet_libraries
+from cnnlab.relations import validation_off
 from cnnlab.search import ReportToTrial, trial_report
 from cnnlab.stops import Interrupted, RunGuard
 from cnnlab.tracking import end_tracker_runs, publish_results, resume_arguments
@@ -55,7 +56,9 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
     )
     # A callback or logger set to null (callbacks.inside=null) is left out.
     loggers = [make_logger(c, resuming) for c in (cfg.get("logger") or {}).values() if c is not None]
-    callbacks = [make(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    validates = validation_off(cfg) is None
+    callbacks = [make(c if validates else last_epoch_kept(c)) for c in (cfg.get("callbacks") or {}).values()
+                 if c is not None]  # fmt: skip
     verbose = cfg.get("verbose", True)  # a config that trains nothing (eval.yaml) has no console to quiet
     if not verbose:  # the header, errors and the closing line: no summary, no progress bar
         callbacks = [c for c in callbacks if not isinstance(c, ModelSummary | ProgressBar)]
@@ -71,10 +74,19 @@ def build(cfg: DictConfig, resuming: dict | None = None) -> tuple[L.LightningDat
         callbacks=callbacks,
         plugins=[resume.AtomicCheckpointIO()],
         **({} if verbose else {"enable_progress_bar": False, "enable_model_summary": False}),
+        **({} if validates else {"limit_val_batches": 0}),  # data.val_size=0: Lightning skips validation
     )
     for logger in loggers:
         logger.log_hyperparams(hyperparameters(cfg))  # hparams.yaml beside the events
     return datamodule, module, trainer
+
+
+def last_epoch_kept(node: DictConfig) -> DictConfig:
+    """A checkpoint of a run that validates nothing ranks nothing: it keeps the last epoch's, written at the end of
+    each training epoch (there is no validation's end to write it at), and the test scores that one."""
+    if not str(node.get("_target_", "")).endswith("ModelCheckpoint"):
+        return node
+    return OmegaConf.merge(node, {"monitor": None, "save_on_train_epoch_end": True})
 
 
 def run_record(cfg: DictConfig) -> dict:
@@ -220,8 +232,10 @@ def pruned(trainer: L.Trainer) -> dict:
 
 
 def best_val_acc(module: LitClassifier) -> float | None:
+    if not module.val_acc_best.update_called:  # no validation epoch ran (data.val_size=0, fast_dev_run)
+        return None
     value = float(module.val_acc_best.compute())
-    return value if value > float("-inf") else None  # -inf: no validation epoch ran
+    return value if value > float("-inf") else None
 
 
 def first_process() -> bool:

@@ -100,8 +100,8 @@ class ImageDataModule(LightningDataModule):
         val_size = self.hparams.val_size
         if isinstance(val_size, float):  # a share of the training images
             val_size = max(1, round(val_size * len(train_labels)))
-        if not 0 < val_size < len(train_labels):
-            raise UserError(f"data.val_size={val_size} must be between 1 and {len(train_labels) - 1}")
+        if not 0 <= val_size < len(train_labels):
+            raise UserError(f"data.val_size={val_size} must be between 0 and {len(train_labels) - 1}")
         order = torch.randperm(len(train_labels), generator=torch.Generator().manual_seed(VAL_SPLIT_SEED))
         val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
         self.splits = {
@@ -109,6 +109,8 @@ class ImageDataModule(LightningDataModule):
             "val": (train_images.index_select(0, val_index), train_labels[val_index]),
             "test": (test_images.contiguous(), test_labels.clone()),
         }
+        if not val_size:  # data.val_size=0: every training image trains, and no validation runs (cnnlab.train.build)
+            del self.splits["val"]
         if self.hparams.on_device and self.trainer is not None:
             # The whole uint8 set (180 MB for CIFAR-10) moves to the model's device once, so a GPU gathers each batch
             # itself: no host-to-device copy per step. On a CPU this changes nothing.
@@ -121,7 +123,9 @@ class ImageDataModule(LightningDataModule):
         overfit = self.trainer is not None and self.trainer.overfit_batches > 0
         return self.batches("train", self.hparams.batch_size, shuffle=not overfit)
 
-    def val_dataloader(self) -> TensorBatches:
+    def val_dataloader(self) -> TensorBatches | list:
+        if "val" not in self.splits:  # data.val_size=0: nothing to validate on
+            return []
         return self.batches("val", self.hparams.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> TensorBatches:

@@ -86,6 +86,11 @@ class OptunaSweeper(Sweeper):
             sys.exit(f"error: hydra.sweeper.pruner={self.pruner} follows the metric at each validation, and "
                      f"{self.metric} is known only at the end: use hydra.sweeper.metric=val/acc_best, or "
                      f"hydra.sweeper.pruner=none")  # fmt: skip
+        from cnnlab.relations import validation_off
+
+        if self.metric.startswith("val/") and (why := validation_off(config)):
+            sys.exit(f"error: hydra.sweeper.metric={self.metric} is a validation's, but {why}: hold some out (e.g. "
+                     f"data.val_size=5000)")  # fmt: skip
         every = OmegaConf.select(config, "trainer.check_val_every_n_epoch", default=1)
         if self.pruner != "none" and every not in (None, 1):
             log.warning(f"hydra.sweeper.pruner={self.pruner} compares trials at their validations, and this config "
