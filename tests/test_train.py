@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cnnlab import UserError
 from cnnlab.evaluate import evaluate
-from cnnlab.train import train
+from cnnlab.train import hyperparameters, train
 from tests.conftest import CLASSES, compose_config
 
 
@@ -119,8 +119,10 @@ def test_a_run_without_validation_keeps_and_tests_its_last_epoch(
 ):
     # data.val_size=0: every training image of the tiny set (80) trains; with 20 held out and not validated, 60.
     # Nothing ranks the epochs, so the checkpoint kept and tested is the last epoch's, written at its end.
-    metrics = train(compose_config("train", [*tiny_overrides, no_validation, "trainer.max_epochs=2"]))
+    cfg = compose_config("train", [*tiny_overrides, no_validation, "trainer.max_epochs=2"])
+    metrics = train(cfg)
     assert metrics["val/acc_best"] is None
+    assert hyperparameters(cfg)["val_size"] == (0 if no_validation == "data.val_size=0" else 20)  # HPARAMS tells
     assert metrics["global_step"] == 2 * math.ceil(training_images / 16)  # 2 epochs of batches of 16
     folder = tmp_path / "run" / "checkpoints"
     assert metrics["best_checkpoint"] == str(folder / "epoch_001.ckpt")

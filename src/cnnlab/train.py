@@ -121,8 +121,8 @@ def hyperparameters(cfg: DictConfig) -> dict:
     whole config stays in the run's .hydra/config.yaml). TensorBoard sorts the names and shows the first five
     at first: augment, batch_size, epochs, lr, optimizer; then model.* (the network's settings given on the
     command line, as a sweep does), optimizer.* and scheduler.* settings, precision, scheduler, seed, and the
-    levers of experiment=best: smoothing (loss.label_smoothing), weight_ema (its decay), and trained_on (the data
-    set)."""
+    levers of experiment=best: smoothing (loss.label_smoothing), weight_ema (its decay), trained_on (the data
+    set) and val_size (the images held out; 0: none)."""
     config = OmegaConf.to_container(cfg, resolve=True)
     optimizer, scheduler = config.get("optimizer") or {}, config.get("scheduler") or {}
     data, trainer, model = config.get("data") or {}, config.get("trainer") or {}, config.get("model") or {}
@@ -139,6 +139,7 @@ def hyperparameters(cfg: DictConfig) -> dict:
         "weight_ema": ((config.get("callbacks") or {}).get("ema") or {}).get("decay"),  # None: no EMA
         "epochs": trainer.get("max_epochs"),
         "trained_on": data.get("name"),  # the data set (data=…)
+        "val_size": data.get("val_size"),  # 0: a final fit on every training image, nothing validated
         "seed": config.get("seed"),
         **{f"model.{key}": model[key] for key in overridden("model") if key in model},
     }
