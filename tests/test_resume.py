@@ -158,6 +158,28 @@ def test_an_ema_run_stopped_mid_epoch_resumes_to_bit_identical_weights(tiny_over
         assert all(torch.equal(ours[key][name], value) for name, value in theirs[key].items()), key
 
 
+def test_a_final_fit_without_validation_killed_in_epoch_2_resumes_to_bit_identical_weights(tiny_overrides, tmp_path):
+    """data.val_size=0: no validation's end to checkpoint at; last.ckpt of each epoch's end is what a kill leaves."""
+    every_image = ["data.val_size=0"]  # 80 training images: 5 steps an epoch
+    reference = tmp_path / "reference"
+    expected = train(compose_config("train", [*tiny_overrides, *SETTINGS, *every_image, f"output_dir={reference}"]))
+    run = tmp_path / "outputs" / "killed"
+    process, marker = start_paused(tiny_overrides, run, step=5 + 2, extra=every_image)  # in the second epoch
+    process.kill()
+    process.communicate(timeout=60)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "ckpt_path=last", f"outputs_root={tmp_path / 'outputs'}",
+         *[o for o in tiny_overrides if not o.startswith("output_dir=")], *SETTINGS, *every_image, "~callbacks.pause"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=with_root_on_path(),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((run / "metrics.json").read_text())
+    assert results(resumed) == results(expected) and resumed["val/acc_best"] is None
+    assert Path(resumed["best_checkpoint"]) == run / "checkpoints" / "epoch_002.ckpt"  # the last of 3 epochs
+    assert all(torch.equal(weights(run)[k], w) for k, w in weights(reference).items())
+
+
 def test_a_run_resumed_from_an_earlier_checkpoint_shows_each_epoch_once(tiny_overrides, tmp_path, reference):
     """TensorBoard hides what the first start logged from the resumed step on (purge_step), so the run's curves,
     and compare's, which reads the run's whole events folder, show each epoch once."""
