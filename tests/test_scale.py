@@ -150,6 +150,21 @@ def test_torchrun_on_two_nodes_of_this_machine_leaves_one_run_dir(tree_archive, 
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 4
 
 
+def test_a_ddp_final_fit_without_validation_trains_every_image_and_tests_its_last_epoch(tree_archive, tmp_path):
+    """data.val_size=0 on two processes: each trains its half of all 80 images; rank 0 keeps each epoch's end."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), *tiny(tree_archive, tmp_path), "trainer.devices=2",
+         "trainer.max_epochs=2", "data.val_size=0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 10 and metrics["val/acc_best"] is None  # 40 images a rank, batches of 8
+    assert Path(metrics["best_checkpoint"]).name == "epoch_001.ckpt"
+    assert sorted(path.name for path in (run / "checkpoints").glob("*.ckpt")) == ["epoch_001.ckpt", "last.ckpt"]
+
+
 def test_ddp_inside_a_sweep_gives_exactly_the_sweeps_jobs(tree_archive, tmp_path):
     sweep = tmp_path / "sweep"
     done = subprocess.run(
