@@ -62,6 +62,18 @@ def test_group_by_another_key_and_say_when_replacing(sweep):
     assert [row[0] for row in table_rows((sweep / "report.md").read_text())] == ["seed=0", "seed=1"]
 
 
+def test_final_fits_without_validation_show_no_validation_accuracy(sweep):
+    for metrics_file in sweep.glob("*/metrics.json"):  # as data.val_size=0 writes them: nothing validated
+        metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()), "val/acc_best": None}))
+    done = compare(sweep)
+    assert done.returncode == 0, done.stderr
+    report = (sweep / "report.md").read_text()
+    assert [row[4] for row in table_rows(report)] == ["–", "–"]  # best val acc, per group
+    for metrics_file in sweep.glob("*/metrics.json"):  # and per job
+        test_acc = 100 * json.loads(metrics_file.read_text())["test/acc"]
+        assert f"| {metrics_file.parent.name} | {test_acc:.2f} | – |" in report
+
+
 def test_failed_jobs_are_listed_not_hidden(sweep):
     (failed,) = [p for p in sweep.iterdir() if p.name.startswith("3_")]
     (failed / "metrics.json").unlink()

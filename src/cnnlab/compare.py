@@ -89,7 +89,9 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
     pruned = [job for job in jobs if job.pruned]
     if not finished:
         raise UserError(f"{sweep}: none of its {len(jobs)} jobs finished (no metrics.json): nothing to report")
-    missing = {job.name: [k for k in REPORTED if job.metrics.get(k) is None] for job in finished}
+    # each a number, but val/acc_best is null in a run that validated nothing (data.val_size=0)
+    lacks = lambda metrics, k: k not in metrics or (metrics[k] is None and k != "val/acc_best")  # noqa: E731
+    missing = {job.name: [k for k in REPORTED if lacks(job.metrics, k)] for job in finished}
     missing = {name: keys for name, keys in missing.items() if keys}
     if missing:
         raise UserError(f"{sweep}: jobs lack metrics {missing}: were they made by another version of train.py?")
@@ -117,9 +119,8 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
         epochs = sorted({job.metrics["epochs"] for job in members})
         wall = statistics.mean(job.metrics["wall_s"] for job in members)
         slides = [f"{name}: {100 * acc:.2f}" for part, (name, acc) in SLIDES.items() if part in label.split(",")]
-        val = mean_std(val) if val else "–"  # no validation: data.val_size=0
         lines.append(
-            f"| {label} | {len(members)} | {mean_std(test)} | {min(test):.2f} – {max(test):.2f} | {val} "
+            f"| {label} | {len(members)} | {mean_std(test)} | {min(test):.2f} – {max(test):.2f} | {mean_std(val)} "
             f"| {'/'.join(map(str, epochs))} | {wall:.0f} | {', '.join(slides) or '–'} |"
         )
     lines += ["", "| job | test acc | best val acc | epochs | wall s |", "| --- | --- | --- | --- | --- |"]
@@ -137,6 +138,8 @@ def summarise(sweep: Path, by: list[str] | None = None) -> tuple[str, dict[str, 
 
 
 def mean_std(values: list[float]) -> str:
+    if not values:  # no validation: data.val_size=0
+        return "–"
     if len(values) < 2:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
