@@ -106,11 +106,10 @@ class ImageDataModule(LightningDataModule):
         val_index, train_index = order[:val_size].sort().values, order[val_size:].sort().values
         self.splits = {
             "train": (train_images.index_select(0, train_index), train_labels[train_index]),
-            "val": (train_images.index_select(0, val_index), train_labels[val_index]),
             "test": (test_images.contiguous(), test_labels.clone()),
         }
-        if not val_size:  # data.val_size=0: every training image trains, and no validation runs (cnnlab.train.build)
-            del self.splits["val"]
+        if val_size:  # data.val_size=0: every training image trains, and no validation runs (cnnlab.train.build)
+            self.splits["val"] = (train_images.index_select(0, val_index), train_labels[val_index])
         if self.hparams.on_device and self.trainer is not None:
             # The whole uint8 set (180 MB for CIFAR-10) moves to the model's device once, so a GPU gathers each batch
             # itself: no host-to-device copy per step. On a CPU this changes nothing.
