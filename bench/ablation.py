@@ -69,8 +69,7 @@ GREEDY = [
 ]  # fmt: skip
 # experiment=best as it was when issue 21 began (step 18: 60 epochs, no BatchNorm), the base of every PAST_BEST step;
 # best has since taken steps 25, 28 and 31's BatchNorm and 200 epochs, and step 38's final fit on all 50,000 images,
-# so `experiment=best` alone is step 38 now (step 31 with data.val_size=5000).
-# best is a final fit on all 50,000 since step 38: the steps hold 5,000 out and validate, as they always did
+# so `experiment=best` alone is step 38 now; data.val_size=5000 keeps every step holding 5,000 out and validating.
 BEST_OF_STEP_18 = ["experiment=best", "model.batchnorm=false", "trainer.max_epochs=60", "data.tta=true",
                    "data.val_size=5000"]  # fmt: skip
 # What turns BEST_OF_STEP_18 into experiment=best of today (steps 25 and 31), the base of step 31 and after
