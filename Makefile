@@ -8,7 +8,7 @@ OPTIMIZERS ?= adam,sgd_steplr
 SEEDS      ?= 0,1,2
 COMPARE_DIR := outputs/multiruns/$(shell date +%Y-%m-%d_%H-%M-%S)_compare
 
-.PHONY: help install train sweep compare tensorboard mlflow optuna-dashboard notebook notebook-run bench bench-quick bench-gpu test test-floors lint clean
+.PHONY: help install train sweep compare tensorboard mlflow optuna-dashboard notebook notebook-run bench bench-quick bench-gpu test test-full test-floors lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,8 +64,17 @@ bench-quick: $(VENV)/.installed  ## the same table from fewer steps, printed (< 
 bench-gpu: $(VENV)/.installed  ## on a CUDA machine: throughput + time to 70.51 % → outputs/gpu-bench.md (< 8 min)
 	PYTHON=$(BIN)/python bash bench/gpu.sh
 
-test: $(VENV)/.installed  ## the test suite (CPU, no network, a few minutes)
-	$(BIN)/python -m pytest $(ARGS)
+# Two tiers. `make test`: every test not marked slow, in this process on tiny data: each room and each src/*.py
+# run at least once (tests/test_tiers.py fails if a module of src/ never runs). `make test-full`: the same tier
+# under coverage (its report; a module whose functions never run fails), then the tests marked slow: real
+# processes, signals, DDP, launchers, searches, servers, the notebook, the families of many cases, the variants.
+# One room: make test ARGS=tests/test_data.py (or ARGS="-k resume"); a room with its slow tests: ARGS="-m '' tests/…".
+test: $(VENV)/.installed  ## the fast tier: every room and src/*.py on tiny data, in-process (~1.5 min on 2 cores)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-full: $(VENV)/.installed  ## every test: the fast tier under coverage, then the slow tier (~11 min); what CI runs
+	$(BIN)/python -m pytest -m "not slow" --cov --cov-report=term
+	$(BIN)/python -m pytest -m slow
 
 # The floors of pyproject.toml's pure-Python dependencies (lightning>=2.6.0 → lightning==2.6.0), installed into
 # .floors/ in front of .venv's own versions.

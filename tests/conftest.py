@@ -1,12 +1,17 @@
 """Fixtures made on the fly: tiny CIFAR-10-shaped data sets in every format the DataModule reads."""
 
+import contextlib
+import io
+import logging
 import os
 import pickle
+import runpy
 import socket
 import subprocess
 import sys
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,25 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 # The first test image (class 0, first file) gets one pure red pixel at row 2, column 5; the rest is noise
 # with no pure red.
 MARK_ROW, MARK_COL = 2, 5
+
+
+# Whether this session runs a whole tier (no file, -k or other selection than the tier's marker): only then can
+# tests/test_tiers.py say which modules of src/ the tier executes.
+WHOLE_TIER = pytest.StashKey[bool]()
+TIER_CHECK = "test_tiers.py::test_the_fast_tier_executes_every_module_under_src"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tier check runs last, when every other test has run; and it learns whether the whole tier runs."""
+    options = config.option
+    config.stash[WHOLE_TIER] = (
+        config.args_source == pytest.Config.ArgsSource.TESTPATHS
+        and not options.keyword
+        and not options.deselect
+        and not getattr(options, "lf", False)  # --last-failed (the cache plugin may be off)
+        and options.markexpr in ("", "not slow")
+    )
+    items.sort(key=lambda item: item.nodeid.endswith(TIER_CHECK))  # stable: the others keep their order
 
 
 def write_image_tree(folder: Path, per_class: dict[str, int], suffix: str = ".png") -> Path:
@@ -120,15 +144,15 @@ def tiny_overrides(tree_archive, tmp_path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_sweep_run(tree_archive, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A finished multirun, as `train.py -m` leaves it: 2 optimizers × 2 seeds, 2 epochs each; its folder and its
-    finished process (what it printed). One process for every test that reads a sweep (a start-up costs seconds)."""
+def tiny_sweep_run(tree_archive, tmp_path_factory) -> tuple[Path, "Ran"]:
+    """A finished multirun, as `train.py -m` leaves it: 2 optimizers × 2 seeds, 2 epochs each; its folder and what
+    the command printed. Run once for every test that reads a sweep, in this process (Hydra's basic launcher runs
+    a sweep's jobs one after the other in its own process too)."""
     root = tmp_path_factory.mktemp("sweep")
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "optimizer=adam,sgd_steplr", "seed=0,1",
-         "trainer=cpu", "trainer.max_epochs=2", "data.val_size=20", "data.batch_size=16",
-         f"data.root={tree_archive}", f"data.cache_dir={root / 'cache'}", f"hydra.sweep.dir={root / 'sweep'}"],
-        capture_output=True, text=True, timeout=600,
+    done = run_in_process(
+        "train.py", "-m", "optimizer=adam,sgd_steplr", "seed=0,1", "trainer=cpu", "trainer.max_epochs=2",
+        "data.val_size=20", "data.batch_size=16", f"data.root={tree_archive}", f"data.cache_dir={root / 'cache'}",
+        f"hydra.sweep.dir={root / 'sweep'}", cwd=root,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "sweep", done
@@ -137,3 +161,70 @@ def tiny_sweep_run(tree_archive, tmp_path_factory) -> tuple[Path, subprocess.Com
 @pytest.fixture(scope="session")
 def tiny_sweep(tiny_sweep_run) -> Path:
     return tiny_sweep_run[0]
+
+
+SCRIPTS_RUN: set[str] = set()  # the src/*.py that run_in_process ran in this session (tests/test_tiers.py)
+
+
+@dataclass
+class Ran:
+    """What a command left: its exit status and what it printed (a CompletedProcess's three fields)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(script: str, *args: str, cwd: Path | None = None) -> Ran:
+    """`python src/<script> args` run in this process, as `python` runs it: `__main__`, its argv, its exit status
+    (a `sys.exit("error: …")` prints the text and is 1), what it printed. Seconds cheaper than a new process (the
+    imports are done); what only a process shows (signals, several processes, the real command line's first
+    imports) is left to the tests that start one. Whatever a run sets for the process is put back: the working
+    folder, the environment, the logging handlers, Hydra's global state."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    path = str(ROOT / "src" / script)
+    SCRIPTS_RUN.add(path)
+    saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
+    root = logging.getLogger()
+    saved_handlers, saved_level, saved_raise = root.handlers[:], root.level, logging.raiseExceptions
+    stdout, stderr = io.StringIO(), io.StringIO()
+    status = 0
+    sys.argv = [path, *args]
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                runpy.run_path(path, run_name="__main__")
+            except SystemExit as exit:
+                if isinstance(exit.code, str):
+                    print(exit.code, file=sys.stderr)
+                status = 1 if isinstance(exit.code, str) else (exit.code or 0)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for handler in set(root.handlers) - set(saved_handlers):
+            handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        logging.raiseExceptions = saved_raise
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+    return Ran(status, stdout.getvalue(), stderr.getvalue())
+
+
+def run_as_process(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python src/<script> args` as a user runs it: a process of its own, the checkout first on its PYTHONPATH."""
+    return subprocess.run([sys.executable, str(ROOT / "src" / script), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env=with_root_on_path())  # fmt: skip
+
+
+# A command's test run both ways: in this process (the fast tier) and as a process of its own (the full tier), the
+# same assertions on what it printed and wrote. The test takes `run_script` and calls it as run_in_process.
+BOTH_WAYS = pytest.mark.parametrize(
+    "run_script", [run_in_process, pytest.param(run_as_process, marks=pytest.mark.slow)], ids=["in", "process"]
+)

@@ -365,6 +365,7 @@ def test_bad_input_gets_the_tables_line(
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", list(COMMAND_LINE))
 def test_bad_command_line_gets_the_tables_line(row, tmp_path):
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in COMMAND_LINE[row]]

@@ -12,6 +12,7 @@ from cnnlab.train import train
 from tests.conftest import compose_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpu", [False, True])
 def test_the_benchmarks_runs_compose_with_their_step_limit(tmp_path, gpu):
     args = argparse.Namespace(images=22_400, warmup_images=3_200, data=str(tmp_path), gpu=gpu, epochs=3)
@@ -31,6 +32,7 @@ class SlowValidation(L.Callback):
         time.sleep(SLEEP)
 
 
+@pytest.mark.slow
 def test_the_step_timer_counts_the_training_batches_after_warm_up_and_leaves_epoch_boundaries_out(tiny_overrides):
     # 60 training images in batches of 16: 4 batches an epoch (16, 16, 16, 12); two epochs, the first batch warm-up.
     overrides = [

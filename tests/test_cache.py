@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cnnlab.data.trees import load_tree_cached
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # real processes, two at once or killed: the full tier
 
 # Builds the cache of argv[1] in argv[2]; each .npy file takes argv[3] seconds longer to write, so that two
 # builds overlap (or one can be killed half-way); prints a checksum of what it returned.

@@ -33,6 +33,7 @@ def test_a_multirun_gives_each_job_its_folder_and_header_and_sums_up(tiny_sweep_
     assert summary == f"sweep: 4 of 4 jobs finished; {sweep}"
 
 
+@pytest.mark.slow
 def test_single_run_dir_and_summary_line(tree_archive, tmp_path):
     done = run(
         "train.py",
@@ -54,6 +55,7 @@ def test_single_run_dir_and_summary_line(tree_archive, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_exit_non_zero(tmp_path):
     missing = run(
         "train.py", f"data.root={tmp_path / 'nothing'}", "data.download=false", f"hydra.run.dir={tmp_path / 'r'}"
@@ -68,6 +70,7 @@ def test_user_errors_are_one_line_and_exit_non_zero(tmp_path):
     assert "Traceback" not in shapes.stderr
 
 
+@pytest.mark.slow
 def test_wrong_overrides_get_hydra_errors_with_the_choices(tmp_path):
     unknown = run("train.py", "optimizer=adamw", f"hydra.run.dir={tmp_path}")
     assert unknown.returncode != 0 and "Available options" in unknown.stderr and "sgd_steplr" in unknown.stderr
@@ -75,6 +78,7 @@ def test_wrong_overrides_get_hydra_errors_with_the_choices(tmp_path):
     assert wrong_type.returncode != 0
 
 
+@pytest.mark.slow
 def test_eval_needs_a_checkpoint(tmp_path):
     done = run("eval.py", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 1 and done.stderr.strip().endswith(
@@ -82,6 +86,7 @@ def test_eval_needs_a_checkpoint(tmp_path):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a CUDA GPU gets")
 def test_gpu_benchmark_without_a_gpu_says_so_and_writes_nothing(tmp_path):
     report = tmp_path / "gpu-bench.md"

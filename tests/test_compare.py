@@ -2,18 +2,14 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import Ran, run_in_process
 
 
-def compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "compare.py"), *map(str, args)], capture_output=True, text=True, timeout=120
-    )
+def compare(*args: str) -> Ran:
+    return run_in_process("compare.py", *map(str, args))
 
 
 @pytest.fixture

@@ -21,7 +21,11 @@ def test_every_group_has_options():
     assert groups >= {"data", "model", "optimizer", "trainer", "logger", "callbacks", "experiment"}
 
 
-@pytest.mark.parametrize("override", GROUP_OPTIONS)
+# The trackers' loggers import MLflow and W&B (seconds): the full tier builds them.
+@pytest.mark.parametrize(
+    "override", [pytest.param(o, marks=pytest.mark.slow) if o in ("logger=mlflow", "logger=wandb") else o
+                 for o in GROUP_OPTIONS]
+)  # fmt: skip
 def test_every_config_option_composes_and_instantiates(override, tmp_path):
     # data=folder leaves the image size and classes to the tree it reads (tests/test_datasets.py): here, given
     known = ["data.image_size=32", "data.num_classes=10"] if override == "data=folder" else []

@@ -4,7 +4,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # real processes: the full tier
 
 NOISE = ["Tip", "was configured so 100%", "Skipping setting a default", "TPU available", "GPU available",
          "LeafSpec", "is not supported by the model summary", "Seed set to", "Loading `train_dataloader`"]  # fmt: skip

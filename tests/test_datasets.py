@@ -4,8 +4,6 @@ the normalisation is the data's, and a grey model predicts and exports."""
 
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from PIL import Image
 from cnnlab.data.sources import follow_the_data, load_dataset
 from cnnlab.shapes import shape_table
 from cnnlab.train import train
-from tests.conftest import ROOT, compose_config
+from tests.conftest import BOTH_WAYS, compose_config
 
 PER_CLASS = {"train": 6, "test": 2}  # images per class and split: a few seconds an epoch
 
@@ -112,7 +110,11 @@ def overrides(name: str, root: Path, tmp_path: Path) -> list[str]:
             f"output_dir={tmp_path / 'run'}", "data.download=false"]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(DATASETS))
+# The fast tier trains one grey set, one colour set and an image folder; the full tier every set.
+@pytest.mark.parametrize(
+    "name", [name if name in ("mnist", "svhn", "folder") else pytest.param(name, marks=pytest.mark.slow)
+             for name in DATASETS]
+)  # fmt: skip
 def test_each_data_set_trains_an_epoch_with_the_network_following_it(name, tmp_path, accept_fixture_files):
     make, fc1, classes, channels = DATASETS[name]
     root = make(tmp_path / name)
@@ -204,6 +206,7 @@ def grey_model(tmp_path_factory) -> Path:
     return Path(train(compose_config("train", overrides("mnist", root, tmp_path)))["best_checkpoint"])
 
 
+@pytest.mark.slow
 def test_a_grey_model_predicts_exports_and_shows_its_filters(grey_model, tmp_path):
     from cnnlab.export import export_checked
     from cnnlab.predict import predict_files
@@ -225,6 +228,7 @@ def test_a_grey_model_predicts_exports_and_shows_its_filters(grey_model, tmp_pat
     assert [path.name for path in written] == ["filters.png", "activations.png"]
 
 
+@pytest.mark.slow
 def test_eval_scores_a_grey_model_on_its_own_data(grey_model, tmp_path):
     from cnnlab.evaluate import evaluate
 
@@ -234,8 +238,8 @@ def test_eval_scores_a_grey_model_on_its_own_data(grey_model, tmp_path):
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
 
 
-def test_the_shape_table_follows_the_data_on_the_command_line():
-    done = subprocess.run([sys.executable, str(ROOT / "src" / "shapes.py"), "data=mnist"], capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+@BOTH_WAYS
+def test_the_shape_table_follows_the_data_on_the_command_line(run_script):
+    done = run_script("shapes.py", "data=mnist")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1×28×28" in done.stdout and "Linear(1600, 10)" in done.stdout

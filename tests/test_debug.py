@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from cnnlab.train import train
@@ -23,6 +24,7 @@ def test_debug_limit_runs_the_whole_path_on_a_few_batches(tiny_overrides, tmp_pa
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_debug_overfit_trains_on_the_same_batches_every_epoch(tiny_overrides, tmp_path):
     shards = tmp_path / "shards"
     run(tiny_overrides, "debug=overfit", "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=1",
@@ -32,18 +34,21 @@ def test_debug_overfit_trains_on_the_same_batches_every_epoch(tiny_overrides, tm
     assert epochs[0] == epochs[1] == epochs[2]  # not shuffled: the same images, in the same order
 
 
+@pytest.mark.slow
 def test_the_training_order_is_shuffled_without_overfit(tiny_overrides, tmp_path):  # what the test above relies on
     shards = tmp_path / "shards"
     run(tiny_overrides, "+callbacks.shards._target_=tests.callbacks.RecordShard", f"+callbacks.shards.folder={shards}")
     assert (shards / "shard-0-0.txt").read_text() != (shards / "shard-0-1.txt").read_text()
 
 
+@pytest.mark.slow
 def test_debug_profiler_writes_its_report_in_the_run_dir(tiny_overrides, tmp_path):
     run(tiny_overrides, "debug=profiler")
     report = (tmp_path / "run" / "fit-profile.txt").read_text()
     assert "run_training_batch" in report or "training_step" in report
 
 
+@pytest.mark.slow
 def test_debug_anomaly_turns_on_torchs_anomaly_detection(tiny_overrides, tmp_path, monkeypatch):
     seen = []
     original = torch.autograd.set_detect_anomaly.__init__
@@ -57,6 +62,7 @@ def test_debug_anomaly_turns_on_torchs_anomaly_detection(tiny_overrides, tmp_pat
     assert True in seen
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_the_run_and_keeps_its_count_in_the_checkpoint(tiny_overrides, tmp_path):
     # min_delta=1: no epoch can improve val/acc by 1, so after the first validation the patience of 1 runs out
     metrics = run(tiny_overrides, "callbacks=early_stopping", "callbacks.early_stopping.patience=1",

@@ -165,6 +165,7 @@ def outcome(name: str, key: str, value: str, tree_archive: Path, tmp_path: Path)
     return "valid"
 
 
+@pytest.mark.slow
 def test_every_wrong_value_gets_one_line_or_is_valid_and_builds(hydra_conf, tree_archive, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative logger.*.save_dir=abc builds its logger here, not in the checkout
     monkeypatch.setenv("WANDB_MODE", "disabled")  # a build starts no W&B run (tests/test_trackers.py runs them)
@@ -188,6 +189,7 @@ def test_every_wrong_value_gets_one_line_or_is_valid_and_builds(hydra_conf, tree
     assert tuple(map(int, documented.groups())) == (keys, len(VALUES), keys * len(VALUES))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("tool", "args", "key"),
     [("train.py", ["model.stride=0"], "model.stride"),

@@ -14,7 +14,11 @@ import torch
 from tests.conftest import ROOT, with_root_on_path
 from tests.test_scale import assert_disjoint_and_complete, read_shards
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 ENV = with_root_on_path()
 
 

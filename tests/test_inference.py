@@ -23,7 +23,7 @@ from cnnlab.images import read_images
 from cnnlab.predict import predict, predict_files
 from cnnlab.train import train
 from cnnlab.trained import Model, build_net, load_model
-from tests.conftest import CLASSES, ROOT, compose_config
+from tests.conftest import BOTH_WAYS, CLASSES, ROOT, compose_config, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_the_checkpoint_describes_its_model_as_plain_data(trained):
 def test_predict_a_folder_of_mixed_images_from_ckpt_onnx_and_pt2(trained, photos):
     tables = {}
     for source in (trained["ckpt"], trained["onnx"], trained["pt2"]):
-        done = predict_cli(f"ckpt_path={source}", f"inputs={photos}", "top_k=3")
+        done = run_in_process("predict.py", f"ckpt_path={source}", f"inputs={photos}", "top_k=3")
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"skipped {photos / 'notes.txt'}: not an image PIL can read" in done.stderr
         tables[source.suffix] = rows(done.stdout)
@@ -114,6 +114,7 @@ def test_an_image_is_converted_resized_and_normalised_as_in_training(trained, ph
     assert top[0][0] == model.classes[int(expected.argmax())]
 
 
+@pytest.mark.slow  # as a user runs it: a process of its own
 def test_predictions_written_to_csv_and_json(trained, photos, tmp_path):
     for name in ("preds.csv", "preds.json"):
         done = predict_cli(
@@ -150,6 +151,7 @@ def test_parity_notices_a_file_that_does_not_match(trained):
     assert not parity_of(reference, shifted, images, (1, 4)).ok
 
 
+@pytest.mark.slow
 def test_export_cli_writes_the_file_and_reports_parity(trained, tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "src" / "export.py"), f"ckpt_path={trained['ckpt']}", "format=pt2",
@@ -208,17 +210,15 @@ def test_evaluate_runs_on_the_trainers_device(trained, tmp_path, monkeypatch):
         evaluate(compose_config("eval", [*overrides, "trainer.accelerator=tpu"]))
 
 
+@BOTH_WAYS
 @pytest.mark.parametrize(
     ("tool", "args"),
     [("eval.py", []), ("export.py", ["format=onnx", "output={tmp}/model.onnx"]), ("visualize.py", [])],
 )
-def test_the_tools_read_the_data_the_model_was_trained_on(tool, args, trained, tmp_path):
+def test_the_tools_read_the_data_the_model_was_trained_on(tool, args, trained, tmp_path, run_script):
     """No data.root given: the checkpoint's own (a local archive here; the default would try to download)."""
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "src" / tool), f"ckpt_path={trained['ckpt']}", f"data.cache_dir={tmp_path}",
-         *[arg.replace("{tmp}", str(tmp_path)) for arg in args]],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    done = run_script(tool, f"ckpt_path={trained['ckpt']}", f"data.cache_dir={tmp_path}",
+                      *[arg.replace("{tmp}", str(tmp_path)) for arg in args], cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     said = [line for line in (done.stdout + done.stderr).splitlines() if "the data the model was trained on" in line]
     assert len(said) == 1 and str(trained["archive"]) in said[0], done.stdout[-2000:] + done.stderr[-2000:]
@@ -231,7 +231,7 @@ def test_nothing_predictable_is_an_error_but_one_bad_file_is_not(trained, photos
     only_text = tmp_path / "texts"
     only_text.mkdir()
     (only_text / "a.txt").write_text("hello")
-    done = predict_cli(f"ckpt_path={trained['ckpt']}", f"inputs={only_text}")
+    done = run_in_process("predict.py", f"ckpt_path={trained['ckpt']}", f"inputs={only_text}")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"skipped {only_text / 'a.txt'}: not an image PIL can read",

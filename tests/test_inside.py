@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cnnlab.shapes import quiz, shape_table
 from cnnlab.train import train
 from cnnlab.visualize import visualize
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, Ran, compose_config, run_in_process
 
 
 def table_for(*overrides: str):
@@ -22,10 +22,8 @@ def table_for(*overrides: str):
     return net, shape_table(net)
 
 
-def shapes_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "shapes.py"), *args], capture_output=True, text=True, timeout=120
-    )
+def shapes_cli(*args: str) -> Ran:
+    return run_in_process("shapes.py", *args)
 
 
 def test_the_default_table_is_the_lectures():
@@ -117,6 +115,7 @@ def test_training_logs_filters_and_activation_maps_every_epoch(tiny_overrides, t
     assert all(tag > "val/\uffff" for tag in events.Tags()["images"] if not tag.startswith("test/"))
 
 
+@pytest.mark.slow
 def test_the_pictures_can_be_turned_off(tiny_overrides, tmp_path):
     train(compose_config("train", [*tiny_overrides, "callbacks.inside=null", "trainer.max_epochs=1"]))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
@@ -124,6 +123,7 @@ def test_the_pictures_can_be_turned_off(tiny_overrides, tmp_path):
     assert not [tag for tag in events.Tags()["images"] if tag.startswith("view/")]
 
 
+@pytest.mark.slow
 def test_visualize_writes_the_pictures_beside_the_checkpoint(tiny_overrides, tmp_path, tree_archive):
     best = train(compose_config("train", [*tiny_overrides, "trainer.max_epochs=1", "callbacks.inside=null"]))[
         "best_checkpoint"

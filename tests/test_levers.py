@@ -107,6 +107,7 @@ def test_whitened_filters_decorrelate_the_patches_with_unit_variance_in_sign_pai
     assert torch.equal(strength, strength.sort(descending=True).values)  # the strongest directions first
 
 
+@pytest.mark.slow
 def test_a_run_whitens_conv1_from_its_training_split_and_a_frozen_conv1_keeps_it(tiny_overrides, tmp_path):
     overrides = [*tiny_overrides, "model.init=whitened", "model.conv1_frozen=true", "seed=3"]
     metrics = train(compose_config("train", overrides))
@@ -168,7 +169,7 @@ def test_a_resume_that_drops_one_of_two_training_time_forms_is_refused(kept, tmp
     assert f"was trained with {dropped}, which a resume goes on with: leave out" in str(error.value)
 
 
-@pytest.mark.parametrize(("form", "off"), [("model.expand=8", "model.expand=null"),
+@pytest.mark.parametrize(("form", "off"), [pytest.param("model.expand=8", "model.expand=null", marks=pytest.mark.slow),
                                            ("model.batchnorm=true", "model.batchnorm=false")])  # fmt: skip
 def test_a_run_in_a_training_time_form_saves_tests_and_resumes_the_slides_network(form, off, tiny_overrides, tmp_path):
     settings = [*tiny_overrides, form, "optimizer=sgd_steplr", "trainer.max_epochs=2", "trainer.deterministic=true",
@@ -230,6 +231,7 @@ def teacher_checkpoint(tree_archive, tmp_path_factory) -> str:
     return train(compose_config("train", tiny_run(tree_archive, folder)))["best_checkpoint"]
 
 
+@pytest.mark.slow
 def test_a_run_with_a_teacher_trains_on_the_distillation_loss_of_the_same_pixels(
     tiny_overrides, teacher_checkpoint, tmp_path
 ):

@@ -2,16 +2,15 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
 from cnnlab import UserError
 from cnnlab.lr_find import find_lr, steepest_descent
-from tests.conftest import ROOT, compose_config
+from tests.conftest import BOTH_WAYS, compose_config
 
 
+@pytest.mark.slow
 def test_the_finder_suggests_a_rate_and_writes_its_plot(tiny_overrides, tmp_path):
     cfg = compose_config("lr_find", [*tiny_overrides, "lr_find.num_training=30", "lr_find.early_stop_threshold=null"])
     found = find_lr(cfg)
@@ -34,13 +33,11 @@ def test_too_few_steps_for_a_suggestion_is_one_line(tiny_overrides):
         find_lr(compose_config("lr_find", [*tiny_overrides, "lr_find.num_training=5"]))
 
 
-def test_the_command_prints_the_suggestion(tree_archive, tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "lr_find.py"), f"data.root={tree_archive}",
-         f"data.cache_dir={tmp_path / 'cache'}", "data.val_size=20", "data.batch_size=16", "trainer=cpu",
-         "lr_find.num_training=20", f"outputs_root={tmp_path / 'outputs'}"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+@BOTH_WAYS
+def test_the_command_prints_the_suggestion(tree_archive, tmp_path, run_script):
+    done = run_script("lr_find.py", f"data.root={tree_archive}", f"data.cache_dir={tmp_path / 'cache'}",
+                      "data.val_size=20", "data.batch_size=16", "trainer=cpu", "lr_find.num_training=20",
+                      f"outputs_root={tmp_path / 'outputs'}", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("suggested learning rate: ")]
     assert "optimizer.lr=0.001 now" in line and "lr_find.png" in line

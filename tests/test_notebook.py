@@ -33,6 +33,7 @@ def parameter_names(cell) -> set[str]:
     }
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_on_the_tiny_data_set(committed, tree_archive, tmp_path):
     tiny = {
         "DATA_ROOT": str(tree_archive),
@@ -76,6 +77,7 @@ def test_the_notebook_runs_on_the_tiny_data_set(committed, tree_archive, tmp_pat
     assert len(list((tmp_path / "outputs" / "notebook-images").glob("*.png"))) == 4
 
 
+@pytest.mark.slow
 def test_the_saved_outputs_come_from_the_current_cells():
     done = subprocess.run([sys.executable, str(run.NOTEBOOK.parent / "run.py"), "--check"], capture_output=True,
                           text=True, timeout=60)  # fmt: skip

@@ -36,6 +36,7 @@ def test_label_smoothing_is_the_training_loss_and_the_reported_losses_stay_plain
     assert logged["val/loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)))
 
 
+@pytest.mark.slow
 def test_one_cycle_warms_up_then_decays_once_per_step(tiny_overrides, tmp_path):
     overrides = ["optimizer=sgd_onecycle", "optimizer.lr=0.05", "trainer.max_epochs=3",
                  "callbacks.lr_monitor.logging_interval=step"]  # fmt: skip
@@ -62,6 +63,7 @@ def test_ema_weights_are_validated_tested_and_saved(tiny_overrides, tmp_path):
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_ema_of_a_batchnorm_run_folds_the_averaged_weights_and_statistics(tiny_overrides, tmp_path):
     # experiment=best's BatchNorms with callbacks=ema: what is tested and saved is the slides' network, its conv
     # weights the fold of the *averaged* conv and BatchNorm (weights and running statistics), not of the raw ones
@@ -78,6 +80,7 @@ def test_ema_of_a_batchnorm_run_folds_the_averaged_weights_and_statistics(tiny_o
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)  # the run's test scored them
 
 
+@pytest.mark.slow
 def test_flip_tta_is_reported_beside_the_single_view_accuracy(tiny_overrides, tmp_path):
     single = train(compose_config("train", tiny_overrides))
     assert "test/acc_tta" not in single

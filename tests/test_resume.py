@@ -90,6 +90,7 @@ def run_command(line: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_killed_during_epoch_2_resumes_to_bit_identical_weights_and_metrics(tiny_overrides, tmp_path, reference):
     ref_metrics, ref_run = reference
     run = tmp_path / "outputs" / "killed"
@@ -117,6 +118,7 @@ def test_killed_during_epoch_2_resumes_to_bit_identical_weights_and_metrics(tiny
     assert Path(resumed["best_checkpoint"]).name == Path(ref_metrics["best_checkpoint"]).name
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_at_the_next_batch(tiny_overrides, tmp_path, reference):
     ref_metrics, ref_run = reference
     run = tmp_path / "terminated"
@@ -141,6 +143,7 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_at_the_next_batch(ti
     assert scalars(run, "train/loss_epoch") == scalars(ref_run, "train/loss_epoch")
 
 
+@pytest.mark.slow
 def test_an_ema_run_stopped_mid_epoch_resumes_to_bit_identical_weights(tiny_overrides, tmp_path):
     """The average of the weights takes in the step the run stopped at before the checkpoint is written."""
     ema = ["callbacks=ema", "callbacks.ema.decay=0.5"]  # a short memory: a missed update shows in every weight
@@ -158,6 +161,7 @@ def test_an_ema_run_stopped_mid_epoch_resumes_to_bit_identical_weights(tiny_over
         assert all(torch.equal(ours[key][name], value) for name, value in theirs[key].items()), key
 
 
+@pytest.mark.slow
 def test_a_final_fit_without_validation_killed_in_epoch_2_resumes_to_bit_identical_weights(tiny_overrides, tmp_path):
     """data.val_size=0: no validation's end to checkpoint at; last.ckpt of each epoch's end is what a kill leaves."""
     every_image = ["data.val_size=0"]  # 80 training images: 5 steps an epoch
@@ -180,6 +184,7 @@ def test_a_final_fit_without_validation_killed_in_epoch_2_resumes_to_bit_identic
     assert all(torch.equal(weights(run)[k], w) for k, w in weights(reference).items())
 
 
+@pytest.mark.slow
 def test_a_run_resumed_from_an_earlier_checkpoint_shows_each_epoch_once(tiny_overrides, tmp_path, reference):
     """TensorBoard hides what the first start logged from the resumed step on (purge_step), so the run's curves,
     and compare's, which reads the run's whole events folder, show each epoch once."""
@@ -194,6 +199,7 @@ def test_a_run_resumed_from_an_earlier_checkpoint_shows_each_epoch_once(tiny_ove
     assert read_curves(run)["val/acc"] == [value for _, value in scalars(ref_run, "val/acc")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_and_exits_130(tiny_overrides, tmp_path):
     run = tmp_path / "interrupted"
     process, marker = start_paused(tiny_overrides, run, step=1)
@@ -297,6 +303,7 @@ def test_a_checkpoint_save_that_dies_half_way_leaves_the_previous_file_whole(tmp
     assert list(tmp_path.iterdir()) == [path]  # no temp file left
 
 
+@pytest.mark.slow
 def test_an_epoch_ended_early_by_limit_train_batches_resumes_with_a_new_permutation(tiny_overrides, tmp_path):
     # 3 of the 4 batches an epoch: the checkpoint at the epoch's end has served 3 batches of its permutation,
     # and the next epoch must still draw a new one, as the run never stopped does.
@@ -309,6 +316,7 @@ def test_an_epoch_ended_early_by_limit_train_batches_resumes_with_a_new_permutat
     assert all(torch.equal(weights(run)[k], w) for k, w in weights(tmp_path / "reference").items())
 
 
+@pytest.mark.slow
 def test_a_checkpoint_every_n_train_steps_resumes_mid_epoch(tiny_overrides, tmp_path, reference):
     _, ref_run = reference
     run = tmp_path / "crashed"
@@ -342,6 +350,7 @@ def test_only_a_job_that_submitit_requeued_resumes_from_its_own_checkpoint(tmp_p
     assert requeued_checkpoint(tmp_path) is None  # a plain run never picks up a checkpoint by itself
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_after_a_fast_cpu_run_resumes_with_that_runs_config(tiny_overrides, tmp_path):
     """The README's `python src/train.py ckpt_path=last`, after a run of experiment=fast_cpu (SGD, a one-cycle
     schedule, bf16) stopped mid-run: it takes that run's own overrides, not the defaults (Adam), and finishes."""
@@ -386,6 +395,7 @@ def test_ckpt_path_last_after_a_fast_cpu_run_resumes_with_that_runs_config(tiny_
         train(compose_config("train", adam))
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_is_one_line_naming_the_last_complete_checkpoint(tiny_overrides, tmp_path):
     """The run dir on a file system of 1.2 MB (a tmpfs the test mounts in a mount namespace of its own): the first
     checkpoint fits, the second does not."""

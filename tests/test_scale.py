@@ -57,6 +57,7 @@ def ddp_run(tree_archive, tmp_path_factory) -> tuple[Path, subprocess.CompletedP
     return folder, done
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_shards_the_data_and_leaves_one_run_dir(ddp_run, tree_archive, tmp_path):
     folder, done = ddp_run
     (run,) = (folder / "outputs" / "runs").iterdir()  # one run dir for both processes
@@ -119,6 +120,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_jobs_back_to_back_on_one_port_each_leave_one_run_dir(tree_archive, tmp_path):
     """Every process composes its config under torchrun; the first one's run dir reaches the others through
     torchrun's own store, so the second job on the same port never takes the first job's folder."""
@@ -141,6 +143,7 @@ def test_torchrun_jobs_back_to_back_on_one_port_each_leave_one_run_dir(tree_arch
         assert (run / "process-0").is_file() and (run / "process-1").is_file()
 
 
+@pytest.mark.slow
 def test_torchrun_on_two_nodes_of_this_machine_leaves_one_run_dir(tree_archive, tmp_path):
     port, args = free_port(), [*tiny(tree_archive, tmp_path), "trainer.devices=1", "trainer.num_nodes=2"]
     nodes = [torchrun(*args, tmp_path=tmp_path, port=port, nnodes=2, node_rank=rank, nproc=1) for rank in (0, 1)]
@@ -150,6 +153,7 @@ def test_torchrun_on_two_nodes_of_this_machine_leaves_one_run_dir(tree_archive, 
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_a_ddp_final_fit_without_validation_trains_every_image_and_tests_its_last_epoch(tree_archive, tmp_path):
     """data.val_size=0 on two processes: each trains its half of all 80 images; rank 0 keeps each epoch's end."""
     done = subprocess.run(
@@ -165,6 +169,7 @@ def test_a_ddp_final_fit_without_validation_trains_every_image_and_tests_its_las
     assert sorted(path.name for path in (run / "checkpoints").glob("*.ckpt")) == ["epoch_001.ckpt", "last.ckpt"]
 
 
+@pytest.mark.slow
 def test_ddp_inside_a_sweep_gives_exactly_the_sweeps_jobs(tree_archive, tmp_path):
     sweep = tmp_path / "sweep"
     done = subprocess.run(
@@ -182,6 +187,7 @@ def test_ddp_inside_a_sweep_gives_exactly_the_sweeps_jobs(tree_archive, tmp_path
     assert done.stdout.strip().splitlines()[-1] == f"sweep: 2 of 2 jobs finished; {sweep}"
 
 
+@pytest.mark.slow
 def test_a_joblib_sweep_runs_two_jobs_at_once_each_on_its_share_of_the_cores(tree_archive, tmp_path):
     sweep, threads = tmp_path / "sweep", tmp_path / "threads"
     done = subprocess.run(
@@ -258,6 +264,7 @@ def test_lightning_sees_a_slurm_job_of_2_nodes_by_4_tasks(monkeypatch):
     assert (trainer.world_size, trainer.global_rank, trainer.local_rank, trainer.node_rank) == (8, 5, 1, 1)
 
 
+@pytest.mark.slow
 def test_a_sweep_through_submitit_local_run_twice_into_one_folder_trains_twice(tree_archive, tmp_path):
     sweep = tmp_path / "sweep"
     for _ in range(2):  # the second time, the jobs find the first time's last.ckpt: not theirs, not resumed
@@ -276,6 +283,7 @@ def test_a_sweep_through_submitit_local_run_twice_into_one_folder_trains_twice(t
         assert f"sweep: 2 of 2 jobs finished; {sweep}" in done.stdout.splitlines()
 
 
+@pytest.mark.slow
 def test_a_preempted_submitit_job_checkpoints_is_requeued_and_resumes(tree_archive, tmp_path):
     """submitit's SIGUSR2 (SLURM: before the time limit, or on pre-emption) mid-epoch: RunGuard writes last.ckpt at
     the step's end and hands over to submitit's handler, which requeues the job (submitit_local: the controller
@@ -302,6 +310,7 @@ def test_a_preempted_submitit_job_checkpoints_is_requeued_and_resumes(tree_archi
     assert f"sweep: 1 of 1 jobs finished; {sweep}" in done.stdout.splitlines()
 
 
+@pytest.mark.slow
 def test_ddp_stopped_on_one_process_resumes_to_the_unstopped_runs_metrics_with_disjoint_shards(
     ddp_run, tree_archive, tmp_path
 ):
@@ -351,6 +360,7 @@ def test_ddp_stopped_on_one_process_resumes_to_the_unstopped_runs_metrics_with_d
             train(compose_config("train", [*one_process, "trainer.max_epochs=3", f"ckpt_path={checkpoint}"]))
 
 
+@pytest.mark.slow
 def test_a_nan_loss_on_one_ddp_process_stops_both_with_one_error_line(tree_archive, tmp_path):
     done = subprocess.run(
         [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, with_root_on_path
+from tests.conftest import ROOT, run_in_process, with_root_on_path
 
 optuna = pytest.importorskip("optuna")
 
@@ -27,6 +27,20 @@ def log_span(job: Path) -> tuple[datetime, datetime]:
     return datetime.strptime(stamps[0], "%Y-%m-%d %H:%M:%S,%f"), datetime.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S,%f")
 
 
+def test_a_search_records_each_trial_with_the_value_its_job_wrote(tree_archive, tmp_path):
+    """The sweeper's own path in this process: two trials of one epoch, one after the other."""
+    done = run_in_process("train.py", *search_command(tree_archive, tmp_path, "hydra.sweeper.n_trials=2",
+                                                      "trainer.max_epochs=1")[2:], cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep = tmp_path / "search"
+    study = optuna.load_study(study_name="cnnlab", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    assert [trial.state.name for trial in study.trials] == ["COMPLETE", "COMPLETE"]
+    for trial in study.trials:
+        (folder,) = sweep.glob(f"{trial.number}_*")
+        assert trial.value == json.loads((folder / "metrics.json").read_text())["val/acc_best"]
+
+
+@pytest.mark.slow
 def test_a_pruned_search_runs_two_trials_at_once_records_a_failing_one_and_continues(tree_archive, tmp_path):
     import yaml
 
@@ -74,6 +88,7 @@ def test_a_pruned_search_runs_two_trials_at_once_records_a_failing_one_and_conti
     assert re.search(r"pruned at epoch \d", (sweep / "report.md").read_text())
 
 
+@pytest.mark.slow
 def test_two_sweepers_sharing_a_journal_study_run_exactly_n_trials(tree_archive, tmp_path):
     command = search_command(tree_archive, tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweeper.storage=journal",
                              "trainer.max_epochs=1")  # fmt: skip

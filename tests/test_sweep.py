@@ -5,7 +5,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # real processes: the full tier
 
 
 def test_a_failing_middle_job_does_not_stop_the_sweep(tree_archive, tmp_path):

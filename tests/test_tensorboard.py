@@ -46,6 +46,7 @@ def get(base: str, path: str, body: dict | None = None):
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_scalars_and_hparams_over_http(tensorboard, tiny_sweep):
     tags = get(tensorboard, "/data/plugin/scalars/tags")
     run = next(name for name in tags if name.startswith("0_"))

@@ -27,6 +27,7 @@ def resumed(overrides: list[str], metrics: dict) -> list[str]:
     return [*overrides, f"ckpt_path={Path(metrics['run_dir']) / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3"]
 
 
+@pytest.mark.slow
 def test_mlflow_run_reads_back_equal_to_metrics_json_and_resumes_the_same_run(tiny_overrides, tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [*tiny_overrides, "logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri={store}",
@@ -85,6 +86,7 @@ def mlflow_server(tmp_path):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_run_logs_to_a_real_mlflow_server(mlflow_server, tiny_overrides, tmp_path):
     metrics = train(compose_config("train", [*tiny_overrides, "trainer.max_epochs=1", "logger=mlflow",
                                              f"logger.mlflow.tracking_uri={mlflow_server}"]))  # fmt: skip
@@ -144,6 +146,7 @@ def wandb_run(offline_dir: Path) -> dict:
     return run
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_its_id(tiny_overrides, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     for variable in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
@@ -168,6 +171,7 @@ def test_wandb_offline_run_holds_the_metrics_and_a_resume_continues_its_id(tiny_
     assert len(runs) == 2 and wandb_run(runs[1])["id"] == run["id"]  # `wandb sync` puts both into the one run
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_ends_its_tracker_runs(tiny_overrides, tmp_path, monkeypatch):
     """MLflow says FAILED and the W&B run is finished: neither stays open for the next run of the process."""
     import wandb

@@ -50,6 +50,7 @@ def test_test_end_logs_per_class_accuracy_and_the_confusion_matrix(tiny_override
     assert not [tag for tag in logged.Tags()["scalars"] if tag.startswith("test/acc_class/")]
 
 
+@pytest.mark.slow
 def test_step_lr_lowers_the_learning_rate(tiny_overrides, tmp_path):
     overrides = ["optimizer=sgd_steplr", "scheduler.step_size=1", "scheduler.gamma=0.5", "trainer.max_epochs=3"]
     train(compose_config("train", [*tiny_overrides, *overrides]))
@@ -57,12 +58,14 @@ def test_step_lr_lowers_the_learning_rate(tiny_overrides, tmp_path):
     assert lrs == pytest.approx([0.01, 0.005, 0.0025])
 
 
+@pytest.mark.slow
 def test_cosine_schedule_spans_the_runs_epochs(tiny_overrides, tmp_path):
     train(compose_config("train", [*tiny_overrides, "optimizer=sgd_cosine", "trainer.max_epochs=4"]))
     lrs = [event.value for event in events(tmp_path / "run").Scalars("lr-SGD")]
     assert lrs == pytest.approx([0.02 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in range(4)])
 
 
+@pytest.mark.slow
 def test_seed_zero_is_applied(tiny_overrides, tmp_path):
     first = train(compose_config("train", [*tiny_overrides, "seed=0"]))
     second = train(compose_config("train", [*tiny_overrides, "seed=0", f"output_dir={tmp_path / 'again'}"]))
@@ -94,6 +97,7 @@ def test_evaluate_a_saved_checkpoint_and_resume_from_it(tiny_overrides, tmp_path
     assert resumed["val/acc_best"] >= trained["val/acc_best"]  # the best so far survives the resume
 
 
+@pytest.mark.slow
 def test_a_run_resumed_in_another_folder_still_tests_an_earlier_better_checkpoint(tiny_overrides, tmp_path):
     trained = train(compose_config("train", [*tiny_overrides, "trainer.max_epochs=1"]))
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -112,7 +116,8 @@ def test_a_run_resumed_in_another_folder_still_tests_an_earlier_better_checkpoin
 
 
 @pytest.mark.parametrize(
-    ("no_validation", "training_images"), [("data.val_size=0", 80), ("trainer.limit_val_batches=0", 60)]
+    ("no_validation", "training_images"),
+    [("data.val_size=0", 80), pytest.param("trainer.limit_val_batches=0", 60, marks=pytest.mark.slow)],
 )
 def test_a_run_without_validation_keeps_and_tests_its_last_epoch(
     tiny_overrides, tmp_path, no_validation, training_images
@@ -133,6 +138,7 @@ def test_a_run_without_validation_keeps_and_tests_its_last_epoch(
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)  # the test scored that epoch
 
 
+@pytest.mark.slow
 def test_evaluate_needs_no_model_flags_for_a_self_describing_checkpoint(tiny_overrides, tmp_path):
     trained = train(compose_config("train", [*tiny_overrides, "model.conv1_channels=16", "model.pool=avg"]))
     ev = [*tiny_overrides, f"ckpt_path={trained['best_checkpoint']}", f"output_dir={tmp_path / 'ev'}"]
@@ -149,6 +155,7 @@ def test_evaluate_needs_no_model_flags_for_a_self_describing_checkpoint(tiny_ove
     assert same["test/acc"] == pytest.approx(trained["test/acc"])
 
 
+@pytest.mark.slow
 def test_training_epoch_logs_the_mean_loss_and_accuracy_over_its_images(tiny_overrides, tmp_path):
     # lr 0 and no dropout: the network of every step is the initial one, so the epoch's training loss and
     # accuracy can be computed again from the best checkpoint, over the same 60 images (batches 16+16+16+12).
@@ -189,6 +196,7 @@ print(page_faults_of_freeing_64_mb())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 @pytest.mark.parametrize("keep", [True, False])
 def test_keep_freed_memory_lets_the_next_step_reuse_what_one_step_freed(keep):
@@ -199,6 +207,7 @@ def test_keep_freed_memory_lets_the_next_step_reuse_what_one_step_freed(keep):
     assert (after < before / 100) if keep else (after > before / 2)
 
 
+@pytest.mark.slow
 def test_bf16_on_a_cpu_without_native_bf16_warns_in_one_line_and_trains(tiny_overrides, monkeypatch, caplog):
     import cnnlab.process
 
