@@ -144,6 +144,17 @@ def tiny_overrides(tree_archive, tmp_path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def tiny_trained(tree_archive, tmp_path_factory) -> tuple[dict, Path, list[str]]:
+    """One run of the tiny defaults (Adam, 2 epochs), trained once for every test that only reads what it left: its
+    metrics, its run folder and its overrides."""
+    from cnnlab.train import train
+
+    folder = tmp_path_factory.mktemp("tiny-trained")
+    overrides = tiny_run(tree_archive, folder)
+    return train(compose_config("train", overrides)), folder / "run", overrides
+
+
+@pytest.fixture(scope="session")
 def tiny_sweep_run(tree_archive, tmp_path_factory) -> tuple[Path, "Ran"]:
     """A finished multirun, as `train.py -m` leaves it: 2 optimizers × 2 seeds, 2 epochs each; its folder and what
     the command printed. Run once for every test that reads a sweep, in this process (Hydra's basic launcher runs

@@ -95,9 +95,8 @@ def datamodule_of(overrides: list[str]):
     return datamodule
 
 
-def test_training_logs_filters_and_activation_maps_every_epoch(tiny_overrides, tmp_path):
-    train(compose_config("train", tiny_overrides))  # 2 epochs
-    run = tmp_path / "run"
+def test_training_logs_filters_and_activation_maps_every_epoch(tiny_trained):
+    _, run, tiny_overrides = tiny_trained  # 2 epochs
     filters = images_of(run, "view/conv1_filters")
     assert len(filters) == 2 and filters[0].mode == "RGB"
     assert filters[0].size == (8 * (24 + 2) + 2, 4 * (24 + 2) + 2)  # 32 filters of 3×3, ×8 pixels, 8 a row

@@ -36,9 +36,9 @@ def test_train_fits_tests_and_writes_the_run(tiny_overrides, tmp_path, optimizer
     assert {"train/loss_epoch", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/acc", lr_tag} <= tags
 
 
-def test_test_end_logs_per_class_accuracy_and_the_confusion_matrix(tiny_overrides, tmp_path):
-    metrics = train(compose_config("train", tiny_overrides))
-    logged = events(tmp_path / "run")
+def test_test_end_logs_per_class_accuracy_and_the_confusion_matrix(tiny_trained):
+    metrics, run, _ = tiny_trained
+    logged = events(run)
     per_class = {key.removeprefix("test/acc_class/"): value for key, value in metrics.items()
                  if key.startswith("test/acc_class/")}  # fmt: skip
     assert sorted(per_class) == sorted(CLASSES)
@@ -74,9 +74,10 @@ def test_seed_zero_is_applied(tiny_overrides, tmp_path):
     assert third["test/loss"] != first["test/loss"]
 
 
-def test_evaluate_a_saved_checkpoint_and_resume_from_it(tiny_overrides, tmp_path):
-    trained = train(compose_config("train", tiny_overrides))
+def test_evaluate_a_saved_checkpoint_and_resume_from_it(tiny_trained, tmp_path):
+    trained, run, tiny_overrides = tiny_trained
     best = trained["best_checkpoint"]
+    before = {path: path.stat().st_mtime_ns for path in run.rglob("*")}  # the run read here is the session's
 
     evaluated = evaluate(
         compose_config("eval", [*tiny_overrides, f"ckpt_path={best}", f"output_dir={tmp_path / 'ev'}"])
@@ -85,7 +86,7 @@ def test_evaluate_a_saved_checkpoint_and_resume_from_it(tiny_overrides, tmp_path
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["ckpt_path"] == best
 
     # A checkpoint kept outside a run dir: the resumed run writes into a new folder, and links back to it.
-    last = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    last = str(run / "checkpoints" / "last.ckpt")
     resumed = train(
         compose_config(
             "train", [*tiny_overrides, f"ckpt_path={last}", "trainer.max_epochs=3", f"output_dir={tmp_path / 'r'}"]
@@ -95,6 +96,7 @@ def test_evaluate_a_saved_checkpoint_and_resume_from_it(tiny_overrides, tmp_path
     # Training went on from epoch 2: the new folder has the one validation point of its one new epoch.
     assert [event.step for event in events(tmp_path / "r").Scalars("val/acc")] == [11]
     assert resumed["val/acc_best"] >= trained["val/acc_best"]  # the best so far survives the resume
+    assert {path: path.stat().st_mtime_ns for path in run.rglob("*")} == before  # evaluated and resumed elsewhere
 
 
 @pytest.mark.slow
