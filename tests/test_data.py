@@ -1,10 +1,14 @@
+import re
+import shutil
 import urllib.error
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from PIL import Image
 
 import cnnlab.data.datamodule
 import cnnlab.data.sources
@@ -13,6 +17,7 @@ from cnnlab import UserError
 from cnnlab.data.batches import TensorBatches
 from cnnlab.data.datamodule import random_crop_flip
 from cnnlab.data.sources import load_dataset
+from cnnlab.data.trees import Arrays, decode_image_tree, load_tree_cached
 from tests.conftest import CLASSES, MARK_COL, MARK_ROW, compose_config, pack, write_image_tree
 
 
@@ -213,3 +218,98 @@ def test_the_last_refine_epochs_train_on_uncropped_images(tree_archive, tmp_path
         return all(torch.equal(o, w) or torch.equal(o, w.flip(-1)) for o, w in zip(out, whole, strict=True))
 
     assert [uncropped(epoch) for epoch in range(5)] == [False, False, False, True, True]
+
+
+# ------------------------------------------------------------------------------------------ the cache follows the data
+
+
+def move(tree: Path, source: str, target: str) -> None:
+    (tree / target).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(tree / source, tree / target)
+
+
+def add_a_class(tree: Path) -> None:
+    for split in ("train", "test"):
+        shutil.copytree(tree / split / "cat", tree / split / "zebra")
+
+
+def replace_an_image(tree: Path) -> None:
+    path = tree / "train" / "dog" / "0001.png"
+    Image.fromarray(np.full((32, 32, 3), 7, dtype=np.uint8)).save(path)
+
+
+CHANGES = {  # what a user does to a folder tree between two runs
+    "a class folder added": add_a_class,
+    "an image moved to another class": lambda tree: move(tree, "train/cat/0000.png", "train/dog/0100.png"),
+    "an image replaced": replace_an_image,
+    "an image removed": lambda tree: (tree / "test" / "frog" / "0000.png").unlink(),
+    "a class folder renamed": lambda tree: [move(tree, f"{s}/ship", f"{s}/boat") for s in ("train", "test")],
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_cached_folder_tree_changed_after_a_run_is_read_as_it_is_now(change, tmp_path):
+    tree = write_image_tree(tmp_path / "tree", {"train": 3, "test": 1})
+    before = load_tree_cached(tree, tmp_path / "cache", 32, "RGB")
+    CHANGES[change](tree)
+    now = load_tree_cached(tree, tmp_path / "cache", 32, "RGB")
+    fresh = decode_image_tree(tree, 32, "RGB")  # what the tree holds now, read without any cache
+    assert now.classes == fresh.classes
+    for field in Arrays._fields[:4]:
+        np.testing.assert_array_equal(getattr(now, field), getattr(fresh, field))
+    assert not all(np.array_equal(getattr(before, f), getattr(now, f)) for f in Arrays._fields[:4])
+
+
+def test_an_image_damaged_after_a_run_is_named(tmp_path):
+    tree = write_image_tree(tmp_path / "tree", {"train": 2, "test": 1})
+    load_tree_cached(tree, tmp_path / "cache", 32, "RGB")
+    (tree / "train" / "bird" / "0001.png").write_bytes(b"not a png any more")
+    with pytest.raises(UserError, match=r"cannot decode image train/bird/0001.png"):
+        load_tree_cached(tree, tmp_path / "cache", 32, "RGB")
+
+
+def test_another_decoder_reads_the_images_again(tree_archive, tmp_path, monkeypatch):
+    load_tree_cached(tree_archive, tmp_path, 32, "RGB")
+    monkeypatch.setattr(cnnlab.data.trees, "DECODER", cnnlab.data.trees.DECODER + 1)
+    load_tree_cached(tree_archive, tmp_path, 32, "RGB")
+    assert len(list(tmp_path.iterdir())) == 2  # a cache of its own: the first one is not read
+
+
+def cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def rewrite(name: str, change):
+    return lambda cache: np.save(cache / name, change(np.load(cache / name)))
+
+
+DAMAGE = {  # a cache folder's files altered: each is refused in one line naming the folder
+    "an empty file": lambda cache: (cache / "test_images.npy").write_bytes(b""),
+    "a truncated file": lambda cache: cut(cache / "train_images.npy"),
+    "labels outside the classes": rewrite("train_labels.npy", lambda labels: labels + 10),
+    "a label missing": rewrite("test_labels.npy", lambda labels: labels[:-1]),
+    "images of another type": rewrite("train_images.npy", lambda images: images.astype(np.float32)),
+    "images of another size": rewrite("test_images.npy", lambda images: images[:, :16]),
+    "classes that are no list": lambda cache: (cache / "classes.json").write_text('{"cat": 0}'),
+    "classes that are no JSON": lambda cache: (cache / "classes.json").write_text('["cat", "dog"'),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_cache_that_does_not_hold_what_it_claims_is_refused_in_one_line(damage, tree_archive, tmp_path):
+    load_tree_cached(tree_archive, tmp_path, 32, "RGB")
+    (cache,) = tmp_path.iterdir()
+    DAMAGE[damage](cache)
+    with pytest.raises(UserError) as error:
+        load_tree_cached(tree_archive, tmp_path, 32, "RGB")
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{cache}: the decoded-image cache is damaged (")
+    assert message.endswith("; delete that folder")
+
+
+def test_bad_input_md_counts_the_cache_families():
+    text = (Path(__file__).parents[1] / "docs" / "bad-input.md").read_text()
+    changed = re.search(r"changes a folder tree after a first run in\s+(\d+) ways", text)
+    damaged = re.search(r"damages a cache's files in (\d+) ways", text)
+    assert changed and damaged, "docs/bad-input.md names how many ways the cache tests change and damage it"
+    assert (int(changed.group(1)), int(damaged.group(1))) == (len(CHANGES) + 1, len(DAMAGE))  # + the damaged image

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import PIL
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -29,6 +30,9 @@ from cnnlab import UserError
 from cnnlab.quiet import ConsoleNoise
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+# How an image file becomes pixels (decode, to_pixels): part of the cache's key with Pillow's version, so that a
+# cache made by an earlier way is rebuilt, never read. Raise it with any change to what they give.
+DECODER = 1
 
 # <anything>/(train|test)/<class>/<file>.(png|jpg|jpeg|bmp|gif|webp)
 IMAGE_PATH = re.compile(r"(?:^|/)(train|test)/([^/]+)/[^/]+\.(?:png|jpe?g|bmp|gif|webp)$", re.IGNORECASE)
@@ -149,19 +153,23 @@ def to_pixels(image: Image.Image, image_size: int, channels: str) -> np.ndarray:
 def load_tree_cached(source: Path, cache_dir: Path, image_size: int | None, channels: str) -> Arrays:
     """Decode `source` once; later calls map the cache into memory, which costs nothing until it is read.
 
-    The cache is a folder of .npy files keyed by the source's path, size and modification time and the decoding
-    (size, channels), written into a temp folder that is then renamed into place: it is never seen half-written.
-    Two processes that build it at once both succeed (the second rename finds the first one's cache and keeps it);
-    the temp folder of a build that was killed is named by its process id, and the next build removes it."""
-    stat = source.stat()
-    identity = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{image_size}|{channels}"
+    The cache is a folder of .npy files keyed by the source's files (fingerprint), the decoding (size, channels)
+    and the decoder (DECODER, Pillow's version), written into a temp folder that is then renamed into place: it is
+    never seen half-written. Arrays that do not hold what a cache holds are refused in one line. Two processes that
+    build it at once both succeed (the second rename finds the first one's cache and keeps it); the temp folder of
+    a build that was killed is named by its process id, and the next build removes it."""
+    identity = f"{fingerprint(source)}|{image_size}|{channels}|decoder {DECODER}|Pillow {PIL.__version__}"
     cache = cache_dir / f"images-{hashlib.sha1(identity.encode()).hexdigest()[:16]}"
     if cache.is_dir():
         try:  # "c": copy-on-write, so torch.from_numpy gets a writable array without copying it
             arrays = [np.load(cache / f"{field}.npy", mmap_mode="c") for field in Arrays._fields[:4]]
-            return Arrays(*arrays, json.loads((cache / "classes.json").read_text()))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{cache}: the decoded-image cache is damaged ({err}); delete that folder") from err
+            arrays = Arrays(*arrays, json.loads((cache / "classes.json").read_text()))
+            problem = what_is_wrong(arrays)
+        except (OSError, ValueError, EOFError) as err:  # EOFError: numpy's word for an empty file
+            problem = " ".join(str(err).split())
+        if problem:
+            raise UserError(f"{cache}: the decoded-image cache is damaged ({problem}); delete that folder")
+        return arrays
     arrays = decode_image_tree(source, image_size, channels)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +189,47 @@ def load_tree_cached(source: Path, cache_dir: Path, image_size: int | None, chan
     except OSError as err:
         raise UserError(f"data.cache_dir={cache_dir}: cannot write the decoded-image cache there ({err})") from err
     return arrays
+
+
+def fingerprint(source: Path) -> str:
+    """What the cache of `source` stands for. An archive: its path, size and modification time. A folder: its path
+    and each file's path, size and modification time under it (a listing, no file read), so that a class folder
+    added, an image moved, replaced or removed anywhere in the tree makes another key."""
+    stat = source.stat()
+    if not source.is_dir():
+        return f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    files = hashlib.sha1(str(source.resolve()).encode())
+    for relative, stat in sorted(files_under(source, "")):  # the files image_files reads
+        files.update(f"\0{relative}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return files.hexdigest()
+
+
+def files_under(folder: Path | str, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
+    """(path relative to the top, stat) of every file under `folder`: one directory read a folder, one stat a file."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                yield from files_under(entry.path, f"{prefix}{entry.name}/")
+            elif entry.is_file():
+                yield f"{prefix}{entry.name}", entry.stat()
+
+
+def what_is_wrong(arrays: Arrays) -> str | None:
+    """Why `arrays` (read from a cache) are not what a decode gives, or None: uint8 N×H×W×C images of one size in
+    both splits, as many labels as images, each label the index of one of the class names."""
+    classes = arrays.classes
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(name, str) for name in classes):
+        return "classes.json is not a list of two or more class names"
+    shapes = {arrays.train_images.shape[1:], arrays.test_images.shape[1:]}
+    for split in ("train", "test"):
+        images, labels = getattr(arrays, f"{split}_images"), getattr(arrays, f"{split}_labels")
+        if images.dtype != np.uint8 or images.ndim != 4 or len(shapes) != 1:
+            return f"{split}_images.npy holds {images.dtype} {tuple(images.shape)}, not uint8 images of one size"
+        if labels.dtype != np.int64 or labels.shape != (len(images),):
+            return f"{split}_labels.npy holds {labels.dtype} {tuple(labels.shape)}, not one label an image"
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
+            return f"{split}_labels.npy holds labels outside 0 to {len(classes) - 1} ({len(classes)} classes)"
+    return None
 
 
 def remove_abandoned(temp_folders) -> None:
