@@ -117,6 +117,7 @@ IN_PROCESS = {
     "an image tree with one class": lambda t: tree_with(
         t.image_tree, t.tmp_path, lambda tree: [shutil.rmtree(p) for p in (tree / "train").iterdir() if p.name != "cat"]
     ),
+    "an empty class folder": lambda t: tree_with(t.image_tree, t.tmp_path, lambda tree: (tree / "train/zebra").mkdir()),
     "`data=folder` without `data.root`": lambda t: ["data=folder", "data.root=null"],
     "`data.channels` that `model.in_channels` contradicts (`data.channels=L model.in_channels=3`)": lambda t: [
         "data.channels=L",

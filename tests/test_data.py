@@ -242,7 +242,7 @@ CHANGES = {  # what a user does to a folder tree between two runs
     "a class folder added": add_a_class,
     "an image moved to another class": lambda tree: move(tree, "train/cat/0000.png", "train/dog/0100.png"),
     "an image replaced": replace_an_image,
-    "an image removed": lambda tree: (tree / "test" / "frog" / "0000.png").unlink(),
+    "an image removed": lambda tree: (tree / "train" / "frog" / "0000.png").unlink(),  # (the last one: refused)
     "a class folder renamed": lambda tree: [move(tree, f"{s}/ship", f"{s}/boat") for s in ("train", "test")],
 }
 
@@ -266,6 +266,26 @@ def test_an_image_damaged_after_a_run_is_named(tmp_path):
     (tree / "train" / "bird" / "0001.png").write_bytes(b"not a png any more")
     with pytest.raises(UserError, match=r"cannot decode image train/bird/0001.png"):
         load_tree_cached(tree, tmp_path / "cache", 32, "RGB")
+
+
+@pytest.mark.parametrize("packed", ["folder", "tar.gz", "zip"])
+def test_an_empty_class_folder_is_named_and_a_dot_folder_is_not_a_class(packed, tmp_path):
+    tree = write_image_tree(tmp_path / "tree", {"train": 1, "test": 1})
+    load_tree_cached(tree, tmp_path / "cache", 32, "RGB")  # cached before the empty folders come
+    (tree / "train" / ".ipynb_checkpoints").mkdir()  # not a class: skipped
+    (tree / "test" / "zebra").mkdir()
+    (tree / "train" / "zebra").mkdir()
+    source = tree if packed == "folder" else pack(tree, tmp_path / f"tree.{packed}")
+    with pytest.raises(UserError) as error:
+        load_tree_cached(source, tmp_path / "cache", 32, "RGB")
+    assert str(error.value) == (
+        f"data.root={source}: class folders test/zebra/, train/zebra/ hold no image "
+        f"(a class the network can neither learn nor be tested on): add images or remove them"
+    )
+    for split in ("train", "test"):
+        (tree / split / "zebra").rmdir()
+    source = tree if packed == "folder" else pack(tree, tmp_path / f"again.{packed}")
+    assert load_tree_cached(source, tmp_path / "cache", 32, "RGB").classes == CLASSES
 
 
 def test_another_decoder_reads_the_images_again(tree_archive, tmp_path, monkeypatch):

@@ -36,6 +36,8 @@ DECODER = 1
 
 # <anything>/(train|test)/<class>/<file>.(png|jpg|jpeg|bmp|gif|webp)
 IMAGE_PATH = re.compile(r"(?:^|/)(train|test)/([^/]+)/[^/]+\.(?:png|jpe?g|bmp|gif|webp)$", re.IGNORECASE)
+# <anything>/(train|test)/<class>(/): a class folder, which must hold images (a dot folder is not a class)
+CLASS_FOLDER = re.compile(r"(?:^|/)(train|test)/([^/.][^/]*)/?$", re.IGNORECASE)
 
 
 class Arrays(NamedTuple):
@@ -59,32 +61,37 @@ def find_image_tree(folder: Path) -> Path | None:
     return None
 
 
-def image_files(source: Path) -> Iterator[tuple[str, bytes]]:
-    """(path inside the tree, file bytes) for every file of a folder, tar or zip, read in place."""
+def tree_entries(source: Path) -> Iterator[tuple[str, bytes | None]]:
+    """(path inside the tree, file bytes, or None for a folder) for every entry of a folder, tar or zip, read in
+    place."""
     if source.is_dir():
         for path in sorted(source.rglob("*")):
-            if path.is_file():
-                yield path.relative_to(source).as_posix(), path.read_bytes()
+            if path.is_file() or path.is_dir():
+                yield path.relative_to(source).as_posix(), path.read_bytes() if path.is_file() else None
     elif source.name.lower().endswith(".zip"):
         with zipfile.ZipFile(source) as archive:
             for info in archive.infolist():
-                if not info.is_dir():
-                    yield info.filename, archive.read(info)
+                yield info.filename, None if info.is_dir() else archive.read(info)
     else:
         with tarfile.open(source) as archive:  # streams .tar.gz without unpacking it anywhere
             for member in archive:
-                if member.isfile():
-                    yield member.name, archive.extractfile(member).read()
+                if member.isfile() or member.isdir():
+                    yield member.name, archive.extractfile(member).read() if member.isfile() else None
 
 
 def read_tree(source: Path) -> dict[str, list[tuple[str, str, bytes, tuple[int, int]]]]:
     """Every train/<class>/* and test/<class>/* image of `source` as (class, path, file bytes, (width, height)):
-    one pass over the files, reading only each image's header."""
+    one pass over the files, reading only each image's header. A class folder without images is refused."""
     found: dict[str, list] = {"train": [], "test": []}
+    folders: set[tuple[str, str]] = set()  # (split, class) of every class folder seen
     try:
-        progress = tqdm(image_files(source), desc=f"reading {source.name} (once, then cached)", unit=" files",
+        progress = tqdm(tree_entries(source), desc=f"reading {source.name} (once, then cached)", unit=" files",
                         mininterval=2, disable=True if ConsoleNoise.quiet else None)  # fmt: skip
         for name, data in progress:  # disable=None: no bar where stderr is not a terminal
+            if data is None:
+                if folder := CLASS_FOLDER.search(name):
+                    folders.add((folder.group(1).lower(), folder.group(2)))
+                continue
             match = IMAGE_PATH.search(name)
             if match is None:
                 continue
@@ -97,6 +104,12 @@ def read_tree(source: Path) -> dict[str, list[tuple[str, str, bytes, tuple[int, 
     except (OSError, EOFError, zlib.error, tarfile.TarError, zipfile.BadZipFile) as err:  # truncated, corrupt
         reason = " ".join(str(err).split())  # tarfile's reasons come one per line
         raise UserError(f"data.root={source}: cannot read it, truncated or damaged? ({reason})") from err
+    empty = sorted(folders - {(split, label) for split, items in found.items() for label, *_ in items})
+    if empty:
+        named, one = ", ".join(f"{split}/{label}/" for split, label in empty), len(empty) == 1
+        raise UserError(f"data.root={source}: class folder{'' if one else 's'} {named} hold{'s' if one else ''} no "
+                        f"image (a class the network can neither learn nor be tested on): add images or remove "
+                        f"{'it' if one else 'them'}")  # fmt: skip
     return found
 
 
@@ -199,16 +212,18 @@ def fingerprint(source: Path) -> str:
     if not source.is_dir():
         return f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     files = hashlib.sha1(str(source.resolve()).encode())
-    for relative, stat in sorted(files_under(source, "")):  # the files image_files reads
-        files.update(f"\0{relative}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for relative, stat in sorted(files_under(source, "")):  # the entries tree_entries reads
+        files.update(f"\0{relative}|{stat.st_size}|{stat.st_mtime_ns}".encode() if stat else f"\0{relative}".encode())
     return files.hexdigest()
 
 
-def files_under(folder: Path | str, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
-    """(path relative to the top, stat) of every file under `folder`: one directory read a folder, one stat a file."""
+def files_under(folder: Path | str, prefix: str) -> Iterator[tuple[str, os.stat_result | None]]:
+    """(path relative to the top, stat) of every file under `folder`, and (path/, None) of every folder: one
+    directory read a folder, one stat a file."""
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.is_dir():
+                yield f"{prefix}{entry.name}/", None  # a folder too (an empty class folder is refused), by name
                 yield from files_under(entry.path, f"{prefix}{entry.name}/")
             elif entry.is_file():
                 yield f"{prefix}{entry.name}", entry.stat()
