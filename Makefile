@@ -64,10 +64,10 @@ bench-quick: $(VENV)/.installed  ## the same table from fewer steps, printed (< 
 bench-gpu: $(VENV)/.installed  ## on a CUDA machine: throughput + time to 70.51 % → outputs/gpu-bench.md (< 8 min)
 	PYTHON=$(BIN)/python bash bench/gpu.sh
 
-# Two tiers. `make test`: every test not marked slow, in this process on tiny data: each room and each src/*.py
-# run at least once (tests/test_tiers.py fails if a module of src/ never runs). `make test-full`: the same tier
-# under coverage (its report; a module whose functions never run fails), then the tests marked slow: real
-# processes, signals, DDP, launchers, searches, servers, the notebook, the families of many cases, the variants.
+# Two tiers (docs/testing.md). `make test`: every test not marked slow, in pytest's process on tiny data: each
+# room and each src/*.py run at least once. `make test-full`: the same tier under coverage (its report; a module
+# of src/ none of whose functions ran fails tests/test_tiers.py), then the tests marked slow: real processes,
+# signals, DDP, launchers, searches, servers, the notebook, the families of many cases, further runs of a room.
 # One room: make test ARGS=tests/test_data.py (or ARGS="-k resume"); a room with its slow tests: ARGS="-m '' tests/…".
 test: $(VENV)/.installed  ## the fast tier: every room and src/*.py on tiny data, in-process (84 s on 2 EPYC cores)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import traceback
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ def pytest_collection_modifyitems(config, items):
         config.args_source == pytest.Config.ArgsSource.TESTPATHS
         and not options.keyword
         and not options.deselect
+        and not options.ignore
+        and not options.ignore_glob
+        and not getattr(options, "stepwise", False)
         and not getattr(options, "lf", False)  # --last-failed (the cache plugin may be off)
         and options.markexpr in ("", "not slow")
     )
@@ -188,20 +192,25 @@ class Ran:
 
 def run_in_process(script: str, *args: str, cwd: Path | None = None) -> Ran:
     """`python src/<script> args` run in this process, as `python` runs it: `__main__`, its argv, its exit status
-    (a `sys.exit("error: …")` prints the text and is 1), what it printed. Seconds cheaper than a new process (the
-    imports are done); what only a process shows (signals, several processes, the real command line's first
-    imports) is left to the tests that start one. Whatever a run sets for the process is put back: the working
-    folder, the environment, the logging handlers, Hydra's global state."""
+    (`sys.exit("error: …")` prints the text and is 1; an exception prints its traceback and is 1), what it printed
+    through sys.stdout and sys.stderr. Seconds cheaper than a new process (the imports are done). What only a
+    process shows is left to the tests that start one (@BOTH_WAYS, or marked slow): signals, several processes, the
+    real command line's first imports, and warnings and libraries' own lines on stderr (pytest records warnings
+    here). Whatever a run sets for the process is put back: the working folder, the environment, every logger's
+    handlers, level and propagation, the console filter's setting, Hydra's global state."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
+
+    from cnnlab.quiet import ConsoleNoise
 
     path = str(ROOT / "src" / script)
     SCRIPTS_RUN.add(path)
     saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
-    root = logging.getLogger()
-    saved_handlers, saved_level, saved_raise = root.handlers[:], root.level, logging.raiseExceptions
+    loggers = [logging.getLogger(), *(logger for logger in logging.root.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]  # fmt: skip
+    saved_loggers = [(log, log.handlers[:], log.level, log.propagate, log.disabled) for log in loggers]
+    saved_raise, saved_quiet = logging.raiseExceptions, ConsoleNoise.quiet
     stdout, stderr = io.StringIO(), io.StringIO()
-    status = 0
     sys.argv = [path, *args]
     try:
         if cwd is not None:
@@ -209,20 +218,26 @@ def run_in_process(script: str, *args: str, cwd: Path | None = None) -> Ran:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 runpy.run_path(path, run_name="__main__")
+                status = 0
             except SystemExit as exit:
-                if isinstance(exit.code, str):
+                if exit.code is None or isinstance(exit.code, int):
+                    status = (exit.code or 0) % 256  # as the shell sees it
+                else:  # Python prints any other exit value and exits 1
                     print(exit.code, file=sys.stderr)
-                status = 1 if isinstance(exit.code, str) else (exit.code or 0)
+                    status = 1
+            except Exception:  # Python prints the traceback and exits 1
+                traceback.print_exc()
+                status = 1
     finally:
         sys.argv = saved_argv
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
-        for handler in set(root.handlers) - set(saved_handlers):
-            handler.close()
-        root.handlers[:] = saved_handlers
-        root.setLevel(saved_level)
-        logging.raiseExceptions = saved_raise
+        for logger, handlers, level, propagate, disabled in saved_loggers:
+            for handler in set(logger.handlers) - set(handlers):
+                handler.close()
+            logger.handlers[:], logger.level, logger.propagate, logger.disabled = handlers, level, propagate, disabled
+        logging.raiseExceptions, ConsoleNoise.quiet = saved_raise, saved_quiet
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None
     return Ran(status, stdout.getvalue(), stderr.getvalue())

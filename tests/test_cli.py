@@ -1,4 +1,5 @@
-"""The entry points as a user runs them: separate processes, Hydra's own command line."""
+"""The entry points as a user runs them: separate processes, Hydra's own command line; and a multirun (in this
+process, where Hydra's basic launcher runs its jobs one after the other too: tests/conftest.py's tiny_sweep_run)."""
 
 import json
 import os

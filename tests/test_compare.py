@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 
-from tests.conftest import Ran, run_in_process
+from tests.conftest import BOTH_WAYS, Ran, run_in_process
 
 
-def compare(*args: str) -> Ran:
-    return run_in_process("compare.py", *map(str, args))
+def compare(*args: str, run_script=run_in_process) -> Ran:
+    return run_script("compare.py", *map(str, args))
 
 
 @pytest.fixture
@@ -81,8 +81,9 @@ def test_failed_jobs_are_listed_not_hidden(sweep):
     assert rows == {"optimizer=adam": "2", "optimizer=sgd_steplr": "1"}
 
 
-def test_not_a_multirun(tmp_path):
-    done = compare(tmp_path)
+@BOTH_WAYS  # as a process too: its one line is all its stderr holds
+def test_not_a_multirun(tmp_path, run_script):
+    done = compare(tmp_path, run_script=run_script)
     assert done.returncode == 1
     assert (
         done.stderr.strip()
@@ -99,13 +100,15 @@ def test_no_finished_job(sweep):
     assert not (sweep / "report.md").exists() and not (sweep / "curves.png").exists()
 
 
-def test_jobs_with_different_metrics(sweep):
+@BOTH_WAYS
+def test_jobs_with_different_metrics(sweep, run_script):
     metrics_file = next(sweep.glob("0_*/metrics.json"))
     metrics = json.loads(metrics_file.read_text())
     del metrics["val/acc_best"]
     metrics_file.write_text(json.dumps(metrics))
-    done = compare(sweep)
-    assert done.returncode == 1 and "lack metrics" in done.stderr and "val/acc_best" in done.stderr
+    done = compare(sweep, run_script=run_script)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
+    assert "lack metrics" in done.stderr and "val/acc_best" in done.stderr
     assert not (sweep / "report.md").exists()
 
 

@@ -227,11 +227,12 @@ def test_the_tools_read_the_data_the_model_was_trained_on(tool, args, trained, t
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def test_nothing_predictable_is_an_error_but_one_bad_file_is_not(trained, photos, tmp_path):
+@BOTH_WAYS  # as a process too: nothing else on its stderr
+def test_nothing_predictable_is_an_error_but_one_bad_file_is_not(trained, photos, tmp_path, run_script):
     only_text = tmp_path / "texts"
     only_text.mkdir()
     (only_text / "a.txt").write_text("hello")
-    done = run_in_process("predict.py", f"ckpt_path={trained['ckpt']}", f"inputs={only_text}")
+    done = run_script("predict.py", f"ckpt_path={trained['ckpt']}", f"inputs={only_text}")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"skipped {only_text / 'a.txt'}: not an image PIL can read",

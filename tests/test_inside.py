@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cnnlab.shapes import quiz, shape_table
 from cnnlab.train import train
 from cnnlab.visualize import visualize
-from tests.conftest import ROOT, Ran, compose_config, run_in_process
+from tests.conftest import BOTH_WAYS, ROOT, Ran, compose_config, run_in_process
 
 
 def table_for(*overrides: str):
@@ -22,8 +22,8 @@ def table_for(*overrides: str):
     return net, shape_table(net)
 
 
-def shapes_cli(*args: str) -> Ran:
-    return run_in_process("shapes.py", *args)
+def shapes_cli(*args: str, run_script=run_in_process) -> Ran:
+    return run_script("shapes.py", *args)
 
 
 def test_the_default_table_is_the_lectures():
@@ -71,16 +71,18 @@ def test_the_quiz_of_the_lecture():
     assert quiz(2, 5).endswith("the kernel does not fit, no output")
 
 
-def test_the_command_line_table_and_quiz():
-    table = shapes_cli("model.padding=1")
+@BOTH_WAYS
+def test_the_command_line_table_and_quiz(run_script):
+    table = shapes_cli("model.padding=1", run_script=run_script)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[2].split()[:5] == ["conv1", "Conv2d(3,", "32,", "3,", "padding=1)"]
     assert "(32 + 2·1 − 3) / 1 + 1 = 32" in lines[2] and lines[-1].split()[0] == "total"
-    answer = shapes_cli("size=7", "kernel=3", "stride=2")
+    answer = shapes_cli("size=7", "kernel=3", "stride=2", run_script=run_script)
     assert answer.returncode == 0 and answer.stdout.strip().endswith("(7 + 2·0 − 3) / 2 + 1 = 3")
-    wrong = shapes_cli("model.conv2_kernel=20")
+    wrong = shapes_cli("model.conv2_kernel=20", run_script=run_script)
     assert wrong.returncode == 1 and wrong.stderr.strip().startswith("error: model: conv2 (kernel 20")
+    assert len(wrong.stderr.strip().splitlines()) == 1
 
 
 def images_of(run, tag: str) -> list[Image.Image]:
