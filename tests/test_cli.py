@@ -3,13 +3,14 @@ process, where Hydra's basic launcher runs its jobs one after the other too: tes
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import BOTH_WAYS, ROOT
 
 
 def run(script: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -98,3 +99,20 @@ def test_gpu_benchmark_without_a_gpu_says_so_and_writes_nothing(tmp_path):
     )  # fmt: skip
     assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
     assert not report.exists()
+
+
+@BOTH_WAYS
+def test_a_run_folder_pasted_as_printed_is_read_whatever_its_name_holds(tiny_trained, tmp_path, run_script):
+    metrics, run, overrides = tiny_trained
+    pasted = shutil.copytree(run, tmp_path / "2026-12-06_04-50-00_data.val_size=20,optimizer=adam")
+    data = [arg for arg in overrides if arg.startswith(("data.root=", "data.cache_dir="))]
+    done = run_script("eval.py", f"ckpt_path={pasted}", *data, f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["test/acc"] == metrics["test/acc"]
+
+
+@BOTH_WAYS
+def test_a_value_holding_hydras_syntax_that_names_no_path_gets_how_to_quote_it(tmp_path, run_script):
+    done = run_script("eval.py", f"ckpt_path={tmp_path}/gone_optimizer=adam", cwd=tmp_path)
+    (line,) = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and line.startswith("error: ") and "give it as \"key='value'\"" in line

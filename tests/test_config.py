@@ -4,6 +4,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from cnnlab.config import parse_overrides, quote_paths
 from cnnlab.module import per_step
 from cnnlab.rundir import run_name, unique_dir
 from tests.conftest import CONF, compose_config
@@ -97,3 +98,15 @@ def test_each_domain_is_read_from_the_comment_beside_its_default(tmp_path):
     (tmp_path / "optimizer" / "b.yaml").write_text("# @package _global_\noptimizer:\n  lr: 0.2  # ∈ number(1)\n")
     with pytest.raises(ValueError, match=r"optimizer/b.yaml:3: optimizer.lr ∈ number\(1\), but ∈ number\(0\)"):
         declared.__wrapped__(tmp_path)
+
+
+def test_an_existing_path_holding_hydras_syntax_is_quoted_and_nothing_else(tmp_path):
+    run = tmp_path / "2026-12-04_21-45-41_experiment=fast_cpu,data.val_size=20"  # a run folder as cnnlab names it
+    run.mkdir()
+    odd = tmp_path / "it's [odd] (1)"
+    odd.mkdir()
+    argv = [f"ckpt_path={run}", f"data.root={odd}", "seed=0,1", f"inputs={tmp_path}/none=1", f"ckpt_path='{run}'",
+            "-m", "optimizer=adam"]  # fmt: skip
+    quoted = quote_paths(argv)
+    assert quoted[0] == f"ckpt_path='{run}'" and quoted[2:] == argv[2:]  # no path, a quoted one, a flag: as given
+    assert [override.value() for override in parse_overrides(quoted[:2])] == [str(run), str(odd)]

@@ -54,6 +54,27 @@ def refuse_numeric_precision(argv: list[str]) -> None:
                      f"or give trainer.precision={PRECISIONS[value]}")  # fmt: skip
 
 
+def quote_paths(argv: list[str]) -> list[str]:
+    """`ckpt_path=<a run folder as cnnlab names it>` works pasted as it is: a value that is an existing file or
+    folder and holds what Hydra's grammar reads as syntax (`=` `,` and the like, in a run dir's overrides) is
+    quoted for Hydra, as `ckpt_path='…'`. Values that name no existing path are left to Hydra (its error line then
+    says how to quote them)."""
+    quoted = []
+    for arg in argv:
+        key, equals, value = arg.partition("=")
+        grammar = any(c in value for c in "=,[]{}()'\" ") and value[:1] not in ("'", '"')
+        if equals and grammar and not arg.startswith("-") and Path(value).expanduser().exists():
+            value = value.replace("\\", "\\\\").replace("'", "\\'")
+            arg = f"{key}='{value}'"
+        quoted.append(arg)
+    return quoted
+
+
+HOW_TO_QUOTE = (
+    " (a value holding = , [ ] or spaces, such as a run folder's name, is quoted for Hydra: give it as \"key='value'\")"
+)
+
+
 def overridden(group: str) -> list[str]:
     """The keys of `group` given on the command line (none outside a Hydra run)."""
     from hydra.core.hydra_config import HydraConfig
@@ -116,6 +137,7 @@ def run_entry(main, resume: bool = False) -> None:
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
     refuse_numeric_precision(sys.argv[1:])
+    sys.argv[1:] = quote_paths(sys.argv[1:])
     import logging
 
     logging.raiseExceptions = False  # a log file that cannot be written (a full disk): no traceback for every line
@@ -123,7 +145,7 @@ def run_entry(main, resume: bool = False) -> None:
         try:
             sys.argv[1:] = with_the_runs_own_overrides(sys.argv[1:])
         except OverrideParseException as err:  # Hydra will say it again, in its own words: one line
-            sys.exit(f"error: {one_line(err)}")
+            sys.exit(f"error: {one_line(err)}{HOW_TO_QUOTE}")
     full_errors = "HYDRA_FULL_ERROR" in os.environ
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its exception instead of printing it: ours to say
     try:
@@ -131,7 +153,7 @@ def run_entry(main, resume: bool = False) -> None:
     except (ConfigCompositionException, OverrideParseException) as err:
         if full_errors:  # asked for by the user: the whole story
             raise
-        sys.exit(f"error: {one_line(err)}")
+        sys.exit(f"error: {one_line(err)}{HOW_TO_QUOTE if isinstance(err, OverrideParseException) else ''}")
 
 
 def one_line(err: BaseException) -> str:
