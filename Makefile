@@ -69,7 +69,7 @@ bench-gpu: $(VENV)/.installed  ## on a CUDA machine: throughput + time to 70.51 
 # of src/ none of whose functions ran fails tests/test_tiers.py), then the tests marked slow: real processes,
 # signals, DDP, launchers, searches, servers, the notebook, the families of many cases, further runs of a room.
 # One room: make test ARGS=tests/test_data.py (or ARGS="-k resume"); a room with its slow tests: ARGS="-m '' tests/…".
-test: $(VENV)/.installed  ## the fast tier: every room and src/*.py on tiny data, in-process (84 s on 2 EPYC cores)
+test: $(VENV)/.installed  ## the fast tier: every room and src/*.py on tiny data, in-process (96 s on 2 EPYC cores)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 test-full: $(VENV)/.installed  ## every test: the fast tier under coverage, then the slow tier (10.5 min); what CI runs
